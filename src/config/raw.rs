@@ -1,0 +1,144 @@
+//! The pipeline file as written: plain serde types, no meaning attached yet.
+//!
+//! Every struct denies unknown fields so that a typo is an error naming the key,
+//! not a silently ignored setting. Doc comments here are the user reference.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    #[serde(default)]
+    pub pipeline: RawSettings,
+    pub source: RawSource,
+    #[serde(default)]
+    pub store: Option<RawStore>,
+    /// Source tables by name: their columns, key, cleaning rules and lookups.
+    pub tables: IndexMap<String, RawTable>,
+    /// Window aggregates written to gold tables.
+    #[serde(default)]
+    pub gold: Vec<RawGold>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    /// A name for logs and metrics.
+    pub name: Option<String>,
+    /// How often a micro-batch is committed to the store, e.g. `"1s"`, `"60s"`.
+    pub trigger_interval: Option<String>,
+    /// Commit earlier once this many events are pending.
+    pub max_batch_events: Option<i64>,
+    /// Length, in batches, of the bounded queues between stages.
+    pub queue_batches: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawSource {
+    /// Debezium JSON lines from a file.
+    File {
+        path: String,
+        /// Stop at the end of the file (default) or keep reading lines appended to it.
+        #[serde(default)]
+        follow: bool,
+    },
+    /// The built-in ERP simulator.
+    Simulate {
+        seed: Option<i64>,
+        /// Events per second, e.g. `"200/s"`, or `"max"` for as fast as possible.
+        rate: Option<String>,
+        /// A burst shape, e.g. `"5x for 2m every 10m"`.
+        burst: Option<String>,
+        /// Stop after this many events (default: run until stopped).
+        events: Option<i64>,
+        customers: Option<i64>,
+        products: Option<i64>,
+        employees: Option<i64>,
+        /// Share of events delivered twice, 0..1.
+        dup_rate: Option<f64>,
+        /// Event-time origin: `"now"` (default) or an ISO-8601 UTC timestamp.
+        start: Option<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawStore {
+    /// An embedded SQLite file.
+    Sqlite { path: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTable {
+    /// Primary-key column names.
+    pub key: Vec<String>,
+    /// Column name -> type (`int`, `decimal`, `string`, `timestamp`, …).
+    pub columns: IndexMap<String, String>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub lookups: Vec<RawLookup>,
+    /// Write the clean current state to a silver table (default true).
+    pub silver: Option<bool>,
+}
+
+/// One cleaning rule. Exactly one of `fix`, `default`, `format`, `min`/`max` or
+/// `check` says what it does.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub column: Option<String>,
+    /// Fixes applied in order: `trim`, `lower`, `upper`, `collapse_spaces`, `phone`, `email`.
+    pub fix: Option<Vec<String>>,
+    /// The value to use when the column is null.
+    pub default: Option<toml::Value>,
+    /// A format check: `email` or `phone`.
+    pub format: Option<String>,
+    pub min: Option<toml::Value>,
+    pub max: Option<toml::Value>,
+    /// A boolean expression over the row's columns that must hold.
+    pub check: Option<String>,
+    /// What a failing check does: `quarantine` (default) or `flag`.
+    pub action: Option<String>,
+    /// The stable snake_case reason code recorded when the check fails.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLookup {
+    /// The name expressions use for the looked-up row (`product.category`).
+    pub name: String,
+    /// The dimension table.
+    pub table: String,
+    /// This table's column -> the dimension table's column.
+    pub on: IndexMap<String, String>,
+    /// While the dimension row is missing: `wait` (default) or `quarantine`.
+    pub missing: Option<String>,
+    /// Reason code when `missing = "quarantine"`.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGold {
+    pub name: String,
+    /// The fact table aggregated.
+    pub table: String,
+    /// The event-time column, e.g. `order.order_ts`.
+    pub time: String,
+    /// Tumbling window size (default `"10m"`).
+    pub window: Option<String>,
+    /// A boolean expression; rows for which it does not hold are not counted.
+    pub filter: Option<String>,
+    /// Grouping expressions, `"order.channel"` or `"<expr> as name"`.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Aggregates, `"count() as lines"`, `"sum(quantity) as units"`; count, sum, avg, min, max.
+    pub measures: Vec<String>,
+    /// A measure whose change against the previous window is shown as a trend.
+    pub trend: Option<String>,
+}

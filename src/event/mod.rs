@@ -1,0 +1,278 @@
+//! The shared vocabulary of every stage: typed values and rows, change events,
+//! source positions, and the Debezium envelope codec.
+//!
+//! A [`Change`] is one row-level change of one table as a CDC reader sees it: an
+//! operation, before/after row images typed by the table's [`TableSchema`], and
+//! the position of the change in its upstream log. Sources produce [`Event`]s
+//! (a change, or a line that could not be read) in [`Batch`]es; every batch
+//! carries the [`Checkpoint`] to resume from once it is durable downstream.
+
+pub mod debezium;
+pub mod time;
+mod value;
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+pub use value::{ColumnType, Key, Row, Value};
+
+/// A column of a table schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: Box<str>,
+    pub ty: ColumnType,
+}
+
+/// The declared shape of one source table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSchema {
+    pub name: Box<str>,
+    pub columns: Vec<Column>,
+    /// Indexes into `columns` of the primary key.
+    pub key: Vec<usize>,
+}
+
+impl TableSchema {
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| &*c.name == name)
+    }
+}
+
+/// Index of a table in the [`Catalog`].
+pub type TableId = usize;
+
+/// The tables a pipeline reads, by name. Events of other tables are quarantined
+/// as `unknown_table`.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    tables: Vec<TableSchema>,
+    by_name: HashMap<Box<str>, TableId>,
+}
+
+impl Catalog {
+    pub fn new(tables: Vec<TableSchema>) -> Self {
+        let by_name = tables.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Self { tables, by_name }
+    }
+
+    pub fn id(&self, name: &str) -> Option<TableId> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn table(&self, id: TableId) -> &TableSchema {
+        &self.tables[id]
+    }
+
+    pub fn tables(&self) -> &[TableSchema] {
+        &self.tables
+    }
+}
+
+/// The operation of a change, with Debezium's one-letter codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `r`: a row read by the initial snapshot.
+    Read,
+    /// `c`
+    Insert,
+    /// `u`
+    Update,
+    /// `d`
+    Delete,
+}
+
+impl Op {
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Read => "r",
+            Op::Insert => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+        }
+    }
+
+    pub fn from_code(s: &str) -> Option<Op> {
+        Some(match s {
+            "r" => Op::Read,
+            "c" => Op::Insert,
+            "u" => Op::Update,
+            "d" => Op::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a change sits in its upstream log. Ordered within one source partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Position {
+    /// A MySQL/MariaDB binlog coordinate: file, event offset, row within the event.
+    Binlog { file: Arc<str>, pos: u64, row: u32 },
+    /// A PostgreSQL WAL position.
+    Lsn(u64),
+}
+
+impl Position {
+    /// Binlog file names end in a sequence number (`mysql-bin.000123`); it grows past
+    /// six digits, so files are ordered by that number, not by name.
+    fn file_seq(file: &str) -> u64 {
+        file.rsplit('.').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    }
+}
+
+impl PartialOrd for Position {
+    /// Positions of different kinds are not comparable.
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        match (self, other) {
+            (
+                Position::Binlog { file: f1, pos: p1, row: r1 },
+                Position::Binlog { file: f2, pos: p2, row: r2 },
+            ) => {
+                let files = if f1 == f2 {
+                    Ordering::Equal
+                } else {
+                    Position::file_seq(f1).cmp(&Position::file_seq(f2)).then_with(|| f1.cmp(f2))
+                };
+                Some(files.then(p1.cmp(p2)).then(r1.cmp(r2)))
+            }
+            (Position::Lsn(a), Position::Lsn(b)) => Some(a.cmp(b)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Binlog { file, pos, row } => write!(f, "{file}:{pos}:{row}"),
+            Position::Lsn(l) => write!(f, "lsn:{:X}/{:X}", l >> 32, l & 0xffff_ffff),
+        }
+    }
+}
+
+/// Debezium's `source.snapshot` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Snapshot {
+    #[default]
+    False,
+    True,
+    Last,
+}
+
+impl Snapshot {
+    pub fn code(self) -> &'static str {
+        match self {
+            Snapshot::False => "false",
+            Snapshot::True => "true",
+            Snapshot::Last => "last",
+        }
+    }
+}
+
+/// Connector metadata that is the same for many events; shared, not copied.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourceMeta {
+    /// Debezium's `source.name`: the logical server name (topic prefix).
+    pub server: Box<str>,
+    pub db: Box<str>,
+    pub server_id: u64,
+    pub connector: Box<str>,
+    pub version: Box<str>,
+}
+
+/// Where one change came from.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub meta: Arc<SourceMeta>,
+    pub position: Option<Position>,
+    pub gtid: Option<Box<str>>,
+    pub snapshot: Snapshot,
+    /// When the change was committed upstream (`source.ts_ms`).
+    pub ts_ms: i64,
+}
+
+/// A slice of the bytes a source read, kept so quarantine can store the payload
+/// exactly as it arrived.
+#[derive(Debug, Clone)]
+pub struct RawPayload {
+    pub chunk: Arc<[u8]>,
+    pub start: u32,
+    pub len: u32,
+}
+
+impl RawPayload {
+    pub fn as_str(&self) -> String {
+        let start = self.start as usize;
+        let bytes = self.chunk.get(start..start + self.len as usize).unwrap_or_default();
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+}
+
+/// One row-level change of one table.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub table: TableId,
+    pub op: Op,
+    pub before: Option<Row>,
+    pub after: Option<Row>,
+    /// Columns of `after` that the pipeline file does not declare, as a JSON object,
+    /// kept so that nothing is lost (stored in the silver table's `_extra` column).
+    pub extra: Option<Box<str>>,
+    pub source: Source,
+    /// When the connector produced the event (envelope `ts_ms`).
+    pub ts_ms: i64,
+    /// The event's sequence number within its source (line number for files).
+    pub origin: u64,
+    /// The original bytes, when the source read bytes.
+    pub raw: Option<RawPayload>,
+}
+
+impl Change {
+    /// The image that identifies the row: `after`, or `before` for deletes.
+    pub fn image(&self) -> Option<&Row> {
+        self.after.as_ref().or(self.before.as_ref())
+    }
+}
+
+/// An input that could not be turned into a [`Change`]: bad data, kept as data.
+#[derive(Debug, Clone)]
+pub struct BadEvent {
+    /// Stable snake_case reason code (`malformed_json`, `unknown_table`, …).
+    pub reason: &'static str,
+    pub detail: String,
+    pub origin: u64,
+    pub table: Option<String>,
+    pub payload: String,
+}
+
+/// What a source hands downstream.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Change(Change),
+    Bad(BadEvent),
+}
+
+/// A source's resume token, opaque to every other stage (JSON text).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint(pub String);
+
+/// A run of events in source order, and where to resume once they are durable.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub checkpoint: Checkpoint,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binlog_positions_order_by_file_number_then_offset() {
+        let p = |f: &str, pos, row| Position::Binlog { file: f.into(), pos, row };
+        assert!(p("mysql-bin.999999", 900, 0) < p("mysql-bin.1000000", 4, 0));
+        assert!(p("mysql-bin.000001", 900, 0) < p("mysql-bin.000001", 900, 1));
+        assert!(Position::Lsn(1).partial_cmp(&p("a.1", 1, 0)).is_none());
+    }
+}

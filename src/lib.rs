@@ -1,0 +1,14 @@
+//! caudal: a real-time change-data pipeline in one binary.
+//!
+//! The modules follow the data path:
+//!
+//! ```text
+//! capture (file, simulator) -> bus (bounded channels) -> process (dedup, clean,
+//! enrich, windows, quarantine) -> store (SQLite) -> serve
+//! ```
+//!
+//! `event` is the vocabulary every stage shares; `config` turns a pipeline file
+//! into a validated spec; `topology` wires the stages together.
+
+pub mod config;
+pub mod event;
