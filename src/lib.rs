@@ -12,3 +12,6 @@
 
 pub mod config;
 pub mod event;
+pub mod capture;
+pub mod bus;
+pub mod store;

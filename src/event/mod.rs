@@ -8,6 +8,7 @@
 //! carries the [`Checkpoint`] to resume from once it is durable downstream.
 
 pub mod debezium;
+pub mod output;
 pub mod time;
 mod value;
 

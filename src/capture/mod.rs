@@ -1,0 +1,60 @@
+//! Capture: sources of change events.
+//!
+//! A [`Source`] turns an upstream log (a file of Debezium JSON lines, the built-in
+//! ERP simulator; next, a MySQL binlog or a Kafka topic) into [`Batch`]es of
+//! events in log order. Each batch carries the [`Checkpoint`] to resume from once
+//! the batch is durable downstream; a source restarted with that checkpoint
+//! continues strictly after it. Re-delivered events are possible after a crash
+//! (at-least-once); processing deduplicates them by source position.
+
+pub mod file;
+pub mod simulator;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus;
+use crate::event::Checkpoint;
+
+
+/// Errors of sources, classified by what happens next.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Connection lost or upstream busy: reconnect with backoff.
+    #[error("source unavailable: {message}")]
+    Transient {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// Cannot continue without an operator (missing file, purged log, bad checkpoint).
+    #[error("{message}")]
+    Definite { message: String, hint: Option<String> },
+    /// Downstream hung up: the pipeline is stopping.
+    #[error("pipeline stopped")]
+    Closed,
+}
+
+impl CaptureError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CaptureError::Transient { .. })
+    }
+}
+
+/// A producer of change events.
+#[async_trait]
+pub trait Source: Send {
+    /// Stable lowercase name used in logs and metric labels, e.g. `"file"`.
+    fn kind(&self) -> &'static str;
+    /// Streams batches into `out`, starting strictly after `resume`, until `shutdown`
+    /// is cancelled or the upstream ends (then returns `Ok`).
+    ///
+    /// # Errors
+    /// [`CaptureError::is_transient`] tells the runner whether to retry.
+    async fn run(
+        self: Box<Self>,
+        resume: Option<Checkpoint>,
+        out: bus::Sender,
+        shutdown: CancellationToken,
+    ) -> Result<(), CaptureError>;
+}

@@ -1,0 +1,1 @@
+//! Reference-format export (being written).

@@ -1,0 +1,81 @@
+//! Stores: where processed data becomes durable.
+//!
+//! A [`Sink`] receives one [`Commit`] per micro-batch and writes all of it (silver
+//! rows, gold rows, quarantine, and the source checkpoint with the processing state)
+//! in one transaction, so a crash at any moment leaves either the whole commit or
+//! none of it. On start, [`Sink::recover`] hands back the last checkpoint and the
+//! current rows the processing state is rebuilt from.
+
+pub mod export;
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::event::output::{Commit, QuarantineRecord};
+use crate::event::{Checkpoint, Row, TableId};
+
+
+/// What a store had durable at the last commit.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub checkpoint: Option<Checkpoint>,
+    /// The processing state saved with the checkpoint.
+    pub state: Option<String>,
+    /// Current silver rows of the tables asked for.
+    pub rows: Vec<(TableId, Row)>,
+    /// Quarantine records not yet resolved.
+    pub open_quarantine: Vec<QuarantineRecord>,
+}
+
+/// A store's acknowledgement: everything up to `checkpoint` is durable.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub checkpoint: Checkpoint,
+    pub event_count: u64,
+}
+
+/// Errors of stores, classified by what happens next.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store is unreachable or busy: retry with backoff.
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// A write failed in a way a retry will not fix (schema conflict, disk full, corruption).
+    #[error("store write failed: {message}")]
+    Definite {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+}
+
+/// A destination for processed data.
+///
+/// # Contract
+/// - `write` returns only once the whole commit is durable, or not at all: a commit
+///   is applied atomically with its checkpoint.
+/// - Writes are idempotent: silver is upsert/delete by key, gold rows carry absolute
+///   values, so applying a commit twice leaves the same tables.
+/// - Commits arrive in order; a store never reorders them.
+#[async_trait]
+pub trait Sink: Send {
+    /// Stable lowercase name for logs and metric labels, e.g. `"sqlite"`.
+    fn kind(&self) -> &'static str;
+    /// Checks connectivity and creates or evolves the tables. Called before `recover`.
+    async fn healthcheck(&mut self) -> Result<(), StoreError>;
+    /// Loads the last checkpoint, the saved processing state, the silver rows of
+    /// `tables` and the open quarantine records.
+    async fn recover(&mut self, tables: &[TableId]) -> Result<Recovered, StoreError>;
+    /// Writes one commit durably.
+    async fn write(&mut self, commit: Commit) -> Result<Ack, StoreError>;
+}
