@@ -15,3 +15,4 @@ pub mod event;
 pub mod capture;
 pub mod bus;
 pub mod store;
+pub mod process;

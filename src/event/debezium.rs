@@ -741,6 +741,11 @@ pub fn encode_key(catalog: &Catalog, change: &Change) -> String {
     serde_json::to_string(&KeyJson { schema, change }).unwrap_or_default()
 }
 
+/// A row image alone, as a JSON object in the Debezium encoding.
+pub fn encode_row(schema: &TableSchema, row: &Row) -> String {
+    serde_json::to_string(&RowJson { schema, row }).unwrap_or_default()
+}
+
 /// The topic a change belongs to: `<db>.<table>`.
 pub fn topic(schema: &TableSchema, change: &Change) -> String {
     format!("{}.{}", change.source.meta.db, schema.name)

@@ -1,0 +1,731 @@
+//! The processor: dedup -> clean -> enrich -> windows, with retractions.
+//!
+//! Gold is defined on the *current* state of the source tables, so the processor
+//! keeps the current rows of the tables it needs (fact tables with lookups or gold,
+//! and the dimension tables they look up) and maintains, for every fact row, its
+//! *contribution*: nothing (waiting for a dimension, or filtered out), a quarantine
+//! reason, or one input per gold table in one (window, group). Whenever a change
+//! alters a fact row or a dimension row it depends on, the old contribution is
+//! retracted and the new one added. Whatever order changes arrive in, the result
+//! equals the gold query over the final tables.
+//!
+//! Synchronous on purpose: no I/O, no wall clock. The topology feeds it batches and
+//! asks it for a [`Commit`] when a micro-batch is due.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use super::clean::{clean, Verdict};
+use super::dedup::{Dedup, DedupState};
+use super::expr::{eval, is_integer, is_true, lookup_schemas, Scope};
+use super::window::{Accumulator, GroupState};
+use crate::config::spec::{Missing, PipelineSpec};
+use crate::event::debezium::{self, Decoder};
+use crate::event::output::{
+    Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverChange, SilverRow, Stage,
+};
+use crate::event::{BadEvent, Batch, Change, Checkpoint, Event, Key, Op, Row, TableId, Value};
+
+/// A current row kept in memory, with the reason it failed its checks, if it did.
+#[derive(Debug, Clone)]
+struct Stored {
+    row: Row,
+    failed: Option<Arc<str>>,
+}
+
+#[derive(Debug, Default)]
+struct TableState {
+    /// Whether rows of this table are kept (fact or dimension of a lookup).
+    kept: bool,
+    rows: HashMap<Key, Stored>,
+}
+
+/// What a fact table needs beyond its rows.
+#[derive(Debug, Default)]
+struct FactPlan {
+    /// Per lookup: dimension key -> fact keys that reference it.
+    index: Vec<HashMap<Key, Vec<Key>>>,
+    /// Per lookup: the dimension columns that expressions read.
+    used: Vec<Vec<usize>>,
+    /// Gold specs aggregating this table.
+    golds: Vec<usize>,
+}
+
+#[derive(Debug, Default)]
+struct GoldState {
+    group_ids: HashMap<Box<[Value]>, u32>,
+    groups: Vec<Box<[Value]>>,
+    windows: HashMap<(i64, u32), GroupState>,
+    integer: Vec<bool>,
+    dirty: HashSet<(i64, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum GroupRef {
+    Known(u32),
+    New(Box<[Value]>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct GoldPart {
+    gold: usize,
+    window: i64,
+    group: GroupRef,
+    inputs: Vec<Value>,
+}
+
+/// What one fact row currently adds to the outputs.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Contribution {
+    quarantine: Option<(Stage, Arc<str>)>,
+    gold: Vec<GoldPart>,
+}
+
+/// Counters for progress displays and benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Events read, per table (index = table id).
+    pub table_events: Vec<u64>,
+    pub events: u64,
+    pub duplicates: u64,
+    pub bad_events: u64,
+}
+
+/// Output accumulated since the last commit.
+#[derive(Debug, Default)]
+struct Pending {
+    silver: HashMap<(TableId, Key), Option<SilverRow>>,
+    quarantine: Vec<QuarantineOp>,
+    checkpoint: Checkpoint,
+    events: u64,
+    gold_reset: bool,
+}
+
+/// The processing state saved with each checkpoint.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    #[serde(default)]
+    dedup: DedupState,
+}
+
+/// Reason codes the processor itself assigns.
+pub mod reason {
+    pub const MISSING_EVENT_TIME: &str = "missing_event_time";
+}
+
+/// The whole processing stage of one pipeline.
+pub struct Processor {
+    spec: Arc<PipelineSpec>,
+    dedup: Dedup,
+    tables: Vec<TableState>,
+    facts: Vec<Option<FactPlan>>,
+    /// Per table: (fact table, lookup index) pairs that look it up.
+    dependents: Vec<Vec<(TableId, usize)>>,
+    gold: Vec<GoldState>,
+    open_quarantine: HashMap<(TableId, Key), (Stage, Arc<str>)>,
+    quarantine_counts: BTreeMap<Arc<str>, i64>,
+    pending: Pending,
+    /// When false (benchmarks), no per-row output is built: only the aggregates.
+    emit: bool,
+    stats: Stats,
+    missing_time: Arc<str>,
+}
+
+impl Processor {
+    /// A processor for `spec`. With `emit` false it keeps aggregates only and its
+    /// commits carry no silver rows, gold rows or quarantine records.
+    pub fn new(spec: Arc<PipelineSpec>, emit: bool) -> Self {
+        let n = spec.catalog.tables().len();
+        let mut tables: Vec<TableState> = (0..n).map(|_| TableState::default()).collect();
+        let mut facts: Vec<Option<FactPlan>> = (0..n).map(|_| None).collect();
+        let mut dependents = vec![Vec::new(); n];
+        for (t, ts) in spec.tables.iter().enumerate() {
+            let golds: Vec<usize> =
+                spec.gold.iter().enumerate().filter(|(_, g)| g.table == t).map(|(i, _)| i).collect();
+            if ts.lookups.is_empty() && golds.is_empty() {
+                continue;
+            }
+            tables[t].kept = true;
+            let mut used = vec![Vec::new(); ts.lookups.len()];
+            for &g in &golds {
+                let gs = &spec.gold[g];
+                let mut cols = Vec::new();
+                gs.time.columns(&mut cols);
+                if let Some(f) = &gs.filter {
+                    f.columns(&mut cols);
+                }
+                gs.group_by.iter().for_each(|(_, e)| e.columns(&mut cols));
+                gs.measures.iter().filter_map(|m| m.expr.as_ref()).for_each(|e| e.columns(&mut cols));
+                for c in cols {
+                    if let Some(l) = c.lookup {
+                        if !used[l].contains(&c.column) {
+                            used[l].push(c.column);
+                        }
+                    }
+                }
+            }
+            for (l, lookup) in ts.lookups.iter().enumerate() {
+                tables[lookup.table].kept = true;
+                dependents[lookup.table].push((t, l));
+            }
+            facts[t] = Some(FactPlan {
+                index: vec![HashMap::new(); ts.lookups.len()],
+                used,
+                golds,
+            });
+        }
+        let gold = spec
+            .gold
+            .iter()
+            .map(|g| {
+                let fact = spec.catalog.table(g.table);
+                let lookups = lookup_schemas(&spec.catalog, &spec.tables[g.table].lookups);
+                let integer = g
+                    .measures
+                    .iter()
+                    .map(|m| m.expr.as_ref().is_some_and(|e| is_integer(e, fact, &lookups)))
+                    .collect();
+                GoldState { integer, ..GoldState::default() }
+            })
+            .collect();
+        Self {
+            stats: Stats { table_events: vec![0; n], ..Stats::default() },
+            spec,
+            dedup: Dedup::default(),
+            tables,
+            facts,
+            dependents,
+            gold,
+            open_quarantine: HashMap::new(),
+            quarantine_counts: BTreeMap::new(),
+            pending: Pending::default(),
+            emit,
+            missing_time: Arc::from(reason::MISSING_EVENT_TIME),
+        }
+    }
+
+    /// Tables whose rows the processor keeps, to be recovered from the store.
+    pub fn kept_tables(&self) -> Vec<TableId> {
+        self.tables.iter().enumerate().filter(|(_, t)| t.kept).map(|(i, _)| i).collect()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Open quarantine records by reason (decode failures included).
+    pub fn quarantine_summary(&self) -> Vec<(String, u64)> {
+        self.quarantine_counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| (r.to_string(), *n as u64))
+            .collect()
+    }
+
+    /// Current rows of gold table `gold`: (window start µs, group, measures without
+    /// the trend), sorted by window then group.
+    pub fn gold_rows(&self, gold: usize) -> Vec<(i64, Vec<Value>, Vec<Value>)> {
+        let gs = &self.gold[gold];
+        let mut rows: Vec<(i64, Vec<Value>, Vec<Value>)> = gs
+            .windows
+            .iter()
+            .map(|((w, g), st)| {
+                (*w, gs.groups[*g as usize].to_vec(), st.measures.iter().map(Accumulator::value).collect())
+            })
+            .collect();
+        rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        rows
+    }
+
+    /// Events processed since the last commit.
+    pub fn pending_events(&self) -> u64 {
+        self.pending.events
+    }
+
+    /// Processes one batch in order.
+    pub fn process(&mut self, batch: Batch) {
+        let n = batch.events.len() as u64;
+        for event in batch.events {
+            match event {
+                Event::Change(c) => self.on_change(c),
+                Event::Bad(b) => self.on_bad(b),
+            }
+        }
+        self.pending.events += n;
+        self.stats.events += n;
+        self.pending.checkpoint = batch.checkpoint;
+    }
+
+    fn on_bad(&mut self, bad: BadEvent) {
+        self.stats.bad_events += 1;
+        let reason: Arc<str> = Arc::from(bad.reason);
+        *self.quarantine_counts.entry(reason.clone()).or_insert(0) += 1;
+        if self.emit {
+            self.pending.quarantine.push(QuarantineOp::Open(QuarantineRecord {
+                table: bad.table,
+                key: None,
+                stage: Stage::Decode,
+                reason,
+                detail: bad.detail,
+                position: None,
+                origin: bad.origin,
+                payload: bad.payload,
+            }));
+        }
+    }
+
+    fn on_change(&mut self, mut c: Change) {
+        let t = c.table;
+        if let Some(n) = self.stats.table_events.get_mut(t) {
+            *n += 1;
+        }
+        if !self.dedup.admit(&c) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        let spec = self.spec.clone();
+        let schema = spec.catalog.table(t);
+        let (key, new): (Key, Option<(Row, Verdict)>) = match c.op {
+            Op::Delete => {
+                let Some(key) = c.before.as_deref().and_then(|b| Key::of(b, &schema.key)) else {
+                    return;
+                };
+                (key, None)
+            }
+            _ => {
+                let Some(mut row) = c.after.take() else { return };
+                let verdict = clean(&spec.tables[t].rules, &mut row);
+                let Some(key) = Key::of(&row, &schema.key) else { return };
+                (key, Some((row, verdict)))
+            }
+        };
+
+        let is_fact = self.facts[t].is_some();
+        let old_contribution = if is_fact { Some(self.contribution(t, &key)) } else { None };
+
+        // Facts that look this row up, with what they contribute before the change.
+        let mut affected: Vec<(TableId, Key, Contribution)> = Vec::new();
+        if !self.dependents[t].is_empty() {
+            let old_visible = self.tables[t].rows.get(&key).filter(|s| s.failed.is_none());
+            let new_visible = new.as_ref().filter(|(_, v)| v.failed.is_none()).map(|(r, _)| r);
+            for &(f, l) in &self.dependents[t] {
+                let Some(plan) = &self.facts[f] else { continue };
+                let same = match (old_visible, new_visible) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => plan.used[l].iter().all(|&c| a.row.get(c) == b.get(c)),
+                    _ => false,
+                };
+                if same {
+                    continue;
+                }
+                if let Some(fact_keys) = plan.index[l].get(&key) {
+                    for fk in fact_keys {
+                        affected.push((f, fk.clone(), Contribution::default()));
+                    }
+                }
+            }
+            for (f, fk, old) in &mut affected {
+                *old = self.contribution(*f, fk);
+            }
+        }
+
+        // Silver and the quarantine payload are built before the row moves into state.
+        let new_failed = new.as_ref().and_then(|(_, v)| v.failed.clone());
+        if self.emit && spec.tables[t].silver {
+            let silver = match &new {
+                Some((row, verdict)) if verdict.failed.is_none() => Some(SilverRow {
+                    values: row.clone(),
+                    flags: (!verdict.flags.is_empty()).then(|| verdict.flags.join(",")),
+                    extra: c.extra.take(),
+                    position: c.source.position.as_ref().map(ToString::to_string),
+                    source_ts_ms: c.source.ts_ms,
+                }),
+                _ => None,
+            };
+            self.pending.silver.insert((t, key.clone()), silver);
+        }
+        let payload_row = if self.emit && c.raw.is_none() {
+            new.as_ref().map(|(r, _)| r.clone())
+        } else {
+            None
+        };
+
+        if self.tables[t].kept {
+            let old_row = match new {
+                Some((row, verdict)) => self.tables[t]
+                    .rows
+                    .insert(key.clone(), Stored { row, failed: verdict.failed })
+                    .map(|s| s.row),
+                None => self.tables[t].rows.remove(&key).map(|s| s.row),
+            };
+            if is_fact {
+                self.reindex(t, &key, old_row.as_ref());
+            }
+        }
+
+        let event = (&c, payload_row);
+        match old_contribution {
+            Some(old) => {
+                let new_c = self.contribution(t, &key);
+                self.transition(t, &key, old, new_c, Some(event));
+            }
+            None => {
+                let new_q = new_failed.map(|r| (Stage::Validate, r));
+                let old_q = self.open_quarantine.get(&(t, key.clone())).cloned();
+                self.quarantine_transition(t, &key, old_q, new_q, Some(event));
+            }
+        }
+        for (f, fk, old) in affected {
+            let new_c = self.contribution(f, &fk);
+            self.transition(f, &fk, old, new_c, None);
+        }
+    }
+
+    /// Moves fact `key` in the lookup indexes from its old foreign keys to its current ones.
+    fn reindex(&mut self, t: TableId, key: &Key, old_row: Option<&Row>) {
+        let lookups = &self.spec.tables[t].lookups;
+        let new_row = self.tables[t].rows.get(key).map(|s| &s.row);
+        let Some(plan) = self.facts[t].as_mut() else { return };
+        for (l, lookup) in lookups.iter().enumerate() {
+            let fk = |row: Option<&Row>| {
+                row.and_then(|r| {
+                    let vals: Vec<&Value> = lookup.on.iter().map(|(fc, _)| &r[*fc]).collect();
+                    Key::from_values(&vals)
+                })
+            };
+            let (old_fk, new_fk) = (fk(old_row), fk(new_row));
+            if old_fk == new_fk && old_row.is_some() {
+                continue;
+            }
+            if let Some(ok) = old_fk {
+                if let Some(list) = plan.index[l].get_mut(&ok) {
+                    if let Some(i) = list.iter().position(|k| k == key) {
+                        list.swap_remove(i);
+                    }
+                    if list.is_empty() {
+                        plan.index[l].remove(&ok);
+                    }
+                }
+            }
+            if let Some(nk) = new_fk {
+                plan.index[l].entry(nk).or_default().push(key.clone());
+            }
+        }
+    }
+
+    /// What fact row `key` of table `t` contributes given the current state.
+    fn contribution(&self, t: TableId, key: &Key) -> Contribution {
+        let Some(stored) = self.tables[t].rows.get(key) else { return Contribution::default() };
+        if let Some(r) = &stored.failed {
+            return Contribution { quarantine: Some((Stage::Validate, r.clone())), gold: Vec::new() };
+        }
+        let Some(plan) = &self.facts[t] else { return Contribution::default() };
+        let lookups = &self.spec.tables[t].lookups;
+        let mut looked: Vec<Option<&[Value]>> = Vec::with_capacity(lookups.len());
+        for lookup in lookups {
+            let vals: Vec<&Value> = lookup.on.iter().map(|(fc, _)| &stored.row[*fc]).collect();
+            let dim = Key::from_values(&vals)
+                .and_then(|k| self.tables[lookup.table].rows.get(&k))
+                .filter(|s| s.failed.is_none());
+            match (dim, &lookup.missing) {
+                (Some(d), _) => looked.push(Some(&d.row)),
+                (None, Missing::Wait) => return Contribution::default(),
+                (None, Missing::Quarantine(r)) => {
+                    return Contribution {
+                        quarantine: Some((Stage::Enrich, r.clone())),
+                        gold: Vec::new(),
+                    }
+                }
+            }
+        }
+        let scope = Scope { row: &stored.row, lookups: &looked };
+        let mut out = Contribution::default();
+        for &g in &plan.golds {
+            let gs = &self.spec.gold[g];
+            if let Some(filter) = &gs.filter {
+                if !is_true(&eval(filter, &scope)) {
+                    continue;
+                }
+            }
+            let micros = match &*eval(&gs.time, &scope) {
+                Value::Timestamp(us) => *us,
+                Value::Date(d) => i64::from(*d) * crate::event::time::MICROS_PER_DAY,
+                _ => {
+                    out.quarantine = Some((Stage::Enrich, self.missing_time.clone()));
+                    continue;
+                }
+            };
+            let window = micros.div_euclid(gs.window_micros) * gs.window_micros;
+            let group: Vec<Value> = gs.group_by.iter().map(|(_, e)| eval(e, &scope).into_owned()).collect();
+            let group = match self.gold[g].group_ids.get(group.as_slice()) {
+                Some(id) => GroupRef::Known(*id),
+                None => GroupRef::New(group.into_boxed_slice()),
+            };
+            let inputs = gs
+                .measures
+                .iter()
+                .map(|m| m.expr.as_ref().map_or(Value::Null, |e| eval(e, &scope).into_owned()))
+                .collect();
+            out.gold.push(GoldPart { gold: g, window, group, inputs });
+        }
+        out
+    }
+
+    fn transition(
+        &mut self,
+        t: TableId,
+        key: &Key,
+        old: Contribution,
+        new: Contribution,
+        event: Option<(&Change, Option<Row>)>,
+    ) {
+        if old.gold != new.gold {
+            for part in &old.gold {
+                self.apply(part, -1);
+            }
+            for part in &new.gold {
+                self.apply(part, 1);
+            }
+        }
+        let current = self.open_quarantine.get(&(t, key.clone())).cloned();
+        self.quarantine_transition(t, key, current, new.quarantine, event);
+    }
+
+    fn apply(&mut self, part: &GoldPart, diff: i64) {
+        let spec = &self.spec.gold[part.gold];
+        let gs = &mut self.gold[part.gold];
+        let id = match &part.group {
+            GroupRef::Known(id) => *id,
+            GroupRef::New(values) => match gs.group_ids.get(values) {
+                Some(id) => *id,
+                None => {
+                    let id = gs.groups.len() as u32;
+                    gs.groups.push(values.clone());
+                    gs.group_ids.insert(values.clone(), id);
+                    id
+                }
+            },
+        };
+        let slot = (part.window, id);
+        let state = gs.windows.entry(slot).or_insert_with(|| GroupState {
+            rows: 0,
+            measures: spec
+                .measures
+                .iter()
+                .zip(&gs.integer)
+                .map(|(m, integer)| Accumulator::new(m.agg, *integer))
+                .collect(),
+        });
+        state.rows += diff;
+        for (acc, input) in state.measures.iter_mut().zip(&part.inputs) {
+            acc.update(input, diff);
+        }
+        if state.rows == 0 {
+            gs.windows.remove(&slot);
+        }
+        if self.emit {
+            gs.dirty.insert(slot);
+            if spec.trend.is_some() {
+                gs.dirty.insert((part.window + spec.window_micros, id));
+            }
+        }
+    }
+
+    fn quarantine_transition(
+        &mut self,
+        t: TableId,
+        key: &Key,
+        old: Option<(Stage, Arc<str>)>,
+        new: Option<(Stage, Arc<str>)>,
+        event: Option<(&Change, Option<Row>)>,
+    ) {
+        // A new version of a quarantined row re-opens its record so the stored
+        // payload is always the current one (recovery rebuilds the row from it).
+        if old == new && (event.is_none() || new.is_none()) {
+            return;
+        }
+        let table = &self.spec.catalog.table(t).name;
+        if let Some((_, reason)) = &old {
+            if let Some(n) = self.quarantine_counts.get_mut(reason) {
+                *n -= 1;
+            }
+            self.open_quarantine.remove(&(t, key.clone()));
+            if self.emit {
+                self.pending
+                    .quarantine
+                    .push(QuarantineOp::Resolve { table: table.to_string(), key: key.to_string() });
+            }
+        }
+        let Some((stage, reason)) = new else { return };
+        *self.quarantine_counts.entry(reason.clone()).or_insert(0) += 1;
+        self.open_quarantine.insert((t, key.clone()), (stage, reason.clone()));
+        if !self.emit {
+            return;
+        }
+        let (payload, position, origin) = match &event {
+            Some((c, row)) => (self.payload(c, row.as_ref()), c.source.position.as_ref().map(ToString::to_string), c.origin),
+            None => {
+                let row = self.tables[t].rows.get(key).map(|s| &s.row);
+                let schema = self.spec.catalog.table(t);
+                (row.map(|r| debezium::encode_row(schema, r)).unwrap_or_default(), None, 0)
+            }
+        };
+        let detail = match stage {
+            Stage::Validate => format!("check `{reason}` failed"),
+            Stage::Enrich => format!("lookup or event time missing (`{reason}`)"),
+            Stage::Decode => String::new(),
+        };
+        self.pending.quarantine.push(QuarantineOp::Open(QuarantineRecord {
+            table: Some(table.to_string()),
+            key: Some(key.to_string()),
+            stage,
+            reason,
+            detail,
+            position,
+            origin,
+            payload,
+        }));
+    }
+
+    /// The original bytes of a change, or its Debezium line when it came without bytes.
+    fn payload(&self, c: &Change, row: Option<&Row>) -> String {
+        if let Some(raw) = &c.raw {
+            return raw.as_str();
+        }
+        let mut copy = c.clone();
+        if let Some(r) = row {
+            copy.after = Some(r.clone());
+        }
+        debezium::encode_line(&self.spec.catalog, &copy)
+    }
+
+    /// Takes everything since the last commit, to be written in one transaction.
+    pub fn flush(&mut self) -> Commit {
+        let mut gold = Vec::new();
+        for (g, gs) in self.gold.iter_mut().enumerate() {
+            let spec = &self.spec.gold[g];
+            for (window, id) in gs.dirty.drain() {
+                let measures = gs.windows.get(&(window, id)).map(|st| {
+                    let mut values: Vec<Value> = st.measures.iter().map(Accumulator::value).collect();
+                    if let Some(ti) = spec.trend {
+                        let prev = gs
+                            .windows
+                            .get(&(window - spec.window_micros, id))
+                            .map(|p| p.measures[ti].value());
+                        let change = match (values[ti].to_decimal(), prev.and_then(|p| p.to_decimal())) {
+                            (Some(cur), Some(prev)) => Value::Decimal(cur - prev),
+                            _ => Value::Null,
+                        };
+                        values.push(change);
+                    }
+                    values.into_boxed_slice()
+                });
+                gold.push(GoldChange {
+                    gold: g,
+                    window_start: window,
+                    group: gs.groups[id as usize].clone(),
+                    measures,
+                });
+            }
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let state = SavedState { dedup: self.dedup.save() };
+        Commit {
+            silver: pending
+                .silver
+                .into_iter()
+                .map(|((table, key), row)| SilverChange { table, key, row })
+                .collect(),
+            gold_reset: pending.gold_reset,
+            gold,
+            quarantine: pending.quarantine,
+            checkpoint: pending.checkpoint.clone(),
+            state: serde_json::to_string(&state).unwrap_or_default(),
+            event_count: pending.events,
+        }
+    }
+
+    /// Rebuilds the state from what the store had durable, so that processing
+    /// continues exactly where the last commit left it. The next commit rewrites
+    /// every gold row from the rebuilt state.
+    pub fn recover(&mut self, recovered: crate::store::Recovered) {
+        if let Some(state) = recovered.state.as_deref() {
+            if let Ok(saved) = serde_json::from_str::<SavedState>(state) {
+                self.dedup = Dedup::restore(&saved.dedup);
+            }
+        }
+        self.pending.checkpoint = recovered.checkpoint.clone().unwrap_or_default();
+        for (t, row) in recovered.rows {
+            let schema = self.spec.catalog.table(t);
+            if let Some(key) = Key::of(&row, &schema.key) {
+                self.tables[t].rows.insert(key, Stored { row, failed: None });
+            }
+        }
+        let mut decoder = Decoder::new(self.spec.catalog.clone());
+        for rec in recovered.open_quarantine {
+            let reason: Arc<str> = Arc::from(&*rec.reason);
+            let table = rec.table.as_deref().and_then(|n| self.spec.catalog.id(n));
+            match (rec.stage, table) {
+                (Stage::Decode, _) | (_, None) => {
+                    *self.quarantine_counts.entry(reason).or_insert(0) += 1;
+                }
+                (stage, Some(t)) => {
+                    // Rows that failed their checks are not in silver: rebuild them
+                    // from the payload of their quarantine record.
+                    let mut key = None;
+                    if stage == Stage::Validate {
+                        if let Event::Change(mut c) = decoder.decode(rec.payload.as_bytes(), rec.origin, None) {
+                            if let Some(mut row) = c.after.take() {
+                                let verdict = clean(&self.spec.tables[t].rules, &mut row);
+                                key = Key::of(&row, &self.spec.catalog.table(t).key);
+                                if let (Some(k), true) = (&key, self.tables[t].kept) {
+                                    self.tables[t].rows.insert(
+                                        k.clone(),
+                                        Stored { row, failed: verdict.failed.or(Some(reason.clone())) },
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    if key.is_none() {
+                        key = rec.key.as_deref().and_then(|k| parse_key(k));
+                    }
+                    if let Some(k) = key {
+                        *self.quarantine_counts.entry(reason.clone()).or_insert(0) += 1;
+                        self.open_quarantine.insert((t, k), (stage, reason));
+                    }
+                }
+            }
+        }
+        // Rebuild indexes and aggregates from the recovered rows.
+        let facts: Vec<TableId> = (0..self.facts.len()).filter(|t| self.facts[*t].is_some()).collect();
+        let emit = std::mem::replace(&mut self.emit, false);
+        for t in facts {
+            let keys: Vec<Key> = self.tables[t].rows.keys().cloned().collect();
+            for key in keys {
+                self.reindex(t, &key, None);
+                let c = self.contribution(t, &key);
+                for part in &c.gold {
+                    self.apply(part, 1);
+                }
+                let current = self.open_quarantine.get(&(t, key.clone())).cloned();
+                self.emit = emit;
+                self.quarantine_transition(t, &key, current, c.quarantine, None);
+                self.emit = false;
+            }
+        }
+        self.emit = emit;
+        if emit {
+            self.pending.gold_reset = true;
+            for gs in &mut self.gold {
+                let slots: Vec<(i64, u32)> = gs.windows.keys().copied().collect();
+                gs.dirty.extend(slots);
+            }
+        }
+    }
+}
+
+/// Parses a rendered single-column key back (composite keys are rebuilt from payloads).
+fn parse_key(s: &str) -> Option<Key> {
+    s.parse::<i64>().ok().map(Key::Int).or_else(|| Some(Key::Values(Box::new([Value::Str(s.into())]))))
+}

@@ -1,0 +1,266 @@
+//! Builds the stages from a spec, spawns them, wires acks and shutdown.
+//!
+//! ```text
+//! source task --bus (bounded)--> processor thread --commits (bounded)--> sink task
+//! ```
+//!
+//! The processor thread cuts a commit every `trigger_interval` (or earlier at
+//! `max_batch_events`); the sink writes each commit in one transaction with its
+//! checkpoint. On start the sink's last checkpoint and rows rebuild the processor,
+//! and the source resumes strictly after that checkpoint: a kill at any moment
+//! loses nothing and counts nothing twice. Shutdown (Ctrl-C) stops the source;
+//! everything already read is processed and committed before `run` returns.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus;
+use crate::capture::{file::FileSource, simulator::SimulatorSource, CaptureError, Source};
+use crate::config::spec::{PipelineSpec, SourceSpec, StoreSpec};
+use crate::event::output::Commit;
+use crate::event::Value;
+use crate::process::{Processor, Stats};
+use crate::store::{sqlite::SqliteSink, Sink, StoreError};
+
+/// Commits in flight between the processor and the sink: one being written, one
+/// being prepared.
+const COMMIT_QUEUE: usize = 1;
+/// Backoff bounds when the store is unavailable.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Why a pipeline stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("processing thread failed: {0}")]
+    Processor(String),
+}
+
+/// Runtime knobs that are not part of the pipeline file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Decoding threads for file sources.
+    pub threads: usize,
+    /// Write to the store declared in the spec (false: compute only, for benchmarks).
+    pub use_store: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { threads: default_threads(), use_store: true }
+    }
+}
+
+/// The machine's cores, the default number of decoding threads.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A snapshot of a running pipeline, for progress displays.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub stats: Stats,
+    /// Events whose commit is durable in the store.
+    pub committed_events: u64,
+    pub commits: u64,
+    /// Open quarantine by reason.
+    pub quarantine: Vec<(String, u64)>,
+    /// Per gold table: name, column names, rows of the latest window.
+    pub latest_gold: Vec<(String, Vec<String>, Vec<(i64, Vec<Value>, Vec<Value>)>)>,
+    pub last_commit_ms: u64,
+}
+
+/// What a finished run leaves.
+pub struct RunSummary {
+    pub processor: Processor,
+    pub elapsed: Duration,
+    pub committed_events: u64,
+}
+
+/// Builds the configured source.
+pub fn build_source(spec: &PipelineSpec, threads: usize) -> Box<dyn Source> {
+    match &spec.source {
+        SourceSpec::File { path, follow } => {
+            Box::new(FileSource::new(path.clone(), *follow, spec.catalog.clone(), threads))
+        }
+        SourceSpec::Simulate(sim) => Box::new(SimulatorSource::new(sim.clone(), spec.catalog.clone())),
+    }
+}
+
+/// Opens the configured store.
+///
+/// # Errors
+/// [`StoreError`] when the store cannot be opened.
+pub fn build_sink(spec: &Arc<PipelineSpec>) -> Result<Option<Box<dyn Sink>>, StoreError> {
+    match &spec.store {
+        Some(StoreSpec::Sqlite { path }) => Ok(Some(Box::new(SqliteSink::open(path, spec.clone())?))),
+        None => Ok(None),
+    }
+}
+
+/// Runs a pipeline until its source ends or `shutdown` is cancelled.
+///
+/// # Errors
+/// A definite source or store error; transient store errors are retried.
+pub async fn run(
+    spec: Arc<PipelineSpec>,
+    options: RunOptions,
+    shutdown: CancellationToken,
+    progress: Option<watch::Sender<Progress>>,
+) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let mut sink = if options.use_store { build_sink(&spec)? } else { None };
+    let mut processor = Processor::new(spec.clone(), sink.is_some());
+    let mut resume = None;
+    if let Some(s) = sink.as_mut() {
+        s.healthcheck().await?;
+        let recovered = s.recover(&processor.kept_tables()).await?;
+        resume = recovered.checkpoint.clone();
+        if let Some(cp) = &resume {
+            info!(checkpoint = %cp.0, "resuming");
+        }
+        processor.recover(recovered);
+    }
+
+    let source = build_source(&spec, options.threads);
+    let (tx, rx) = bus::memory(spec.queue_batches);
+    let source_shutdown = shutdown.clone();
+    let source_task = tokio::spawn(async move { source.run(resume, tx, source_shutdown).await });
+
+    let (commit_tx, commit_rx) = mpsc::channel::<Commit>(COMMIT_QUEUE);
+    let sink_progress = progress.clone();
+    let sink_task = tokio::spawn(async move { write_commits(sink, commit_rx, sink_progress).await });
+
+    let handle = tokio::runtime::Handle::current();
+    let proc_spec = spec.clone();
+    let emit = options.use_store && spec.store.is_some();
+    let proc_task = tokio::task::spawn_blocking(move || {
+        process_loop(&handle, proc_spec, processor, rx, commit_tx, progress, emit)
+    });
+
+    let processor = proc_task.await.map_err(|e| RunError::Processor(e.to_string()))?;
+    let committed = sink_task.await.map_err(|e| RunError::Processor(e.to_string()))??;
+    match source_task.await {
+        Ok(Ok(())) | Ok(Err(CaptureError::Closed)) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(e) => return Err(RunError::Processor(e.to_string())),
+    }
+    Ok(RunSummary { processor, elapsed: started.elapsed(), committed_events: committed })
+}
+
+fn process_loop(
+    handle: &tokio::runtime::Handle,
+    spec: Arc<PipelineSpec>,
+    mut processor: Processor,
+    mut rx: bus::Receiver,
+    commits: mpsc::Sender<Commit>,
+    progress: Option<watch::Sender<Progress>>,
+    emit: bool,
+) -> Processor {
+    let mut deadline = Instant::now() + spec.trigger_interval;
+    // After recovery the first commit rewrites gold: send it right away.
+    let mut due_now = true;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let next = handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+        let ended = match next {
+            Ok(Some(batch)) => {
+                processor.process(batch);
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        let due = due_now
+            || ended
+            || Instant::now() >= deadline
+            || processor.pending_events() as usize >= spec.max_batch_events;
+        if due {
+            due_now = false;
+            if emit {
+                let commit = processor.flush();
+                if commit.event_count > 0 || commit.gold_reset || !commit.quarantine.is_empty() || ended {
+                    if commits.blocking_send(commit).is_err() {
+                        warn!("store stopped; processing stops");
+                        break;
+                    }
+                }
+            }
+            if let Some(p) = &progress {
+                publish(p, &spec, &processor);
+            }
+            deadline = Instant::now() + spec.trigger_interval;
+        }
+        if ended {
+            break;
+        }
+    }
+    processor
+}
+
+fn publish(p: &watch::Sender<Progress>, spec: &PipelineSpec, processor: &Processor) {
+    let latest_gold = spec
+        .gold
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let rows = processor.gold_rows(i);
+            let last = rows.last().map(|r| r.0);
+            let latest: Vec<_> = rows.into_iter().filter(|r| Some(r.0) == last).collect();
+            let mut cols: Vec<String> = g.group_by.iter().map(|(n, _)| n.clone()).collect();
+            cols.extend(g.measures.iter().map(|m| m.name.clone()));
+            (g.name.clone(), cols, latest)
+        })
+        .collect();
+    p.send_modify(|pr| {
+        pr.stats = processor.stats().clone();
+        pr.quarantine = processor.quarantine_summary();
+        pr.latest_gold = latest_gold;
+    });
+}
+
+async fn write_commits(
+    mut sink: Option<Box<dyn Sink>>,
+    mut rx: mpsc::Receiver<Commit>,
+    progress: Option<watch::Sender<Progress>>,
+) -> Result<u64, StoreError> {
+    let mut committed = 0u64;
+    let Some(sink) = sink.as_mut() else {
+        rx.close();
+        return Ok(0);
+    };
+    while let Some(commit) = rx.recv().await {
+        let mut backoff = RETRY_MIN;
+        let events = commit.event_count;
+        let started = Instant::now();
+        loop {
+            match sink.write(commit.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.is_transient() => {
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "store unavailable, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        committed += events;
+        if let Some(p) = &progress {
+            let ms = started.elapsed().as_millis() as u64;
+            p.send_modify(|pr| {
+                pr.committed_events = committed;
+                pr.commits += 1;
+                pr.last_commit_ms = ms;
+            });
+        }
+    }
+    Ok(committed)
+}
