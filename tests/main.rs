@@ -1,0 +1,10 @@
+//! One integration-test binary: end-to-end runs of the `caudal` binary against the
+//! shared workload's golden answer, crash/restart, bad input and config errors.
+
+mod support;
+
+mod bad_input;
+mod config_errors;
+mod crash;
+mod gold;
+mod simulate;
