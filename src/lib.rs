@@ -10,9 +10,10 @@
 //! `event` is the vocabulary every stage shares; `config` turns a pipeline file
 //! into a validated spec; `topology` wires the stages together.
 
+pub mod bus;
+pub mod capture;
 pub mod config;
 pub mod event;
-pub mod capture;
-pub mod bus;
-pub mod store;
 pub mod process;
+pub mod store;
+pub mod topology;

@@ -91,7 +91,9 @@ pub fn build_source(spec: &PipelineSpec, threads: usize) -> Box<dyn Source> {
         SourceSpec::File { path, follow } => {
             Box::new(FileSource::new(path.clone(), *follow, spec.catalog.clone(), threads))
         }
-        SourceSpec::Simulate(sim) => Box::new(SimulatorSource::new(sim.clone(), spec.catalog.clone())),
+        SourceSpec::Simulate(sim) => {
+            Box::new(SimulatorSource::new(sim.clone(), spec.catalog.clone()))
+        }
     }
 }
 
@@ -101,7 +103,9 @@ pub fn build_source(spec: &PipelineSpec, threads: usize) -> Box<dyn Source> {
 /// [`StoreError`] when the store cannot be opened.
 pub fn build_sink(spec: &Arc<PipelineSpec>) -> Result<Option<Box<dyn Sink>>, StoreError> {
     match &spec.store {
-        Some(StoreSpec::Sqlite { path }) => Ok(Some(Box::new(SqliteSink::open(path, spec.clone())?))),
+        Some(StoreSpec::Sqlite { path }) => {
+            Ok(Some(Box::new(SqliteSink::open(path, spec.clone())?)))
+        }
         None => Ok(None),
     }
 }
@@ -137,7 +141,8 @@ pub async fn run(
 
     let (commit_tx, commit_rx) = mpsc::channel::<Commit>(COMMIT_QUEUE);
     let sink_progress = progress.clone();
-    let sink_task = tokio::spawn(async move { write_commits(sink, commit_rx, sink_progress).await });
+    let sink_task =
+        tokio::spawn(async move { write_commits(sink, commit_rx, sink_progress).await });
 
     let handle = tokio::runtime::Handle::current();
     let proc_spec = spec.clone();
@@ -187,7 +192,11 @@ fn process_loop(
             due_now = false;
             if emit {
                 let commit = processor.flush();
-                if commit.event_count > 0 || commit.gold_reset || !commit.quarantine.is_empty() || ended {
+                if commit.event_count > 0
+                    || commit.gold_reset
+                    || !commit.quarantine.is_empty()
+                    || ended
+                {
                     if commits.blocking_send(commit).is_err() {
                         warn!("store stopped; processing stops");
                         break;

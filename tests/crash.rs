@@ -12,7 +12,10 @@ use crate::support::*;
 fn crashy_pipeline(dir: &std::path::Path, source: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(erp_pipeline()).expect("read pipeline");
     let text = text
-        .replace("trigger_interval = \"1s\"", "trigger_interval = \"20ms\"\nmax_batch_events = 3000\nqueue_batches = 1")
+        .replace(
+            "trigger_interval = \"1s\"",
+            "trigger_interval = \"20ms\"\nmax_batch_events = 3000\nqueue_batches = 1",
+        )
         .replace("[source]\ntype = \"file\"\npath = \"erp.jsonl\"\n", source);
     let path = dir.join("crashy.toml");
     std::fs::write(&path, text).expect("write pipeline");
@@ -34,7 +37,7 @@ fn run_with_kills(pipeline: &std::path::Path, store: &std::path::Path, seed: u64
             .spawn()
             .expect("spawn caudal run");
         let started = Instant::now();
-        let wait = Duration::from_millis(rng.gen_range(150..900));
+        let wait = Duration::from_millis(rng.gen_range(40..400));
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 assert!(status.success(), "caudal run failed on attempt {attempt}: {status}");
@@ -56,7 +59,8 @@ fn run_with_kills(pipeline: &std::path::Path, store: &std::path::Path, seed: u64
 fn kill_nine_and_restart_gives_the_reference_answer() {
     let input = erpgen(100_000, 5);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (want, got, store) = (dir.path().join("want"), dir.path().join("got"), dir.path().join("erp.db"));
+    let (want, got, store) =
+        (dir.path().join("want"), dir.path().join("got"), dir.path().join("erp.db"));
     reference(&input, &want);
     let source = format!("[source]\ntype = \"file\"\npath = {:?}\n", input.display().to_string());
     let pipeline = crashy_pipeline(dir.path(), &source);
@@ -69,10 +73,13 @@ fn kill_nine_and_restart_gives_the_reference_answer() {
 #[test]
 fn simulator_source_resumes_after_kill_nine() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (want, got, store) = (dir.path().join("want"), dir.path().join("got"), dir.path().join("sim.db"));
+    let (want, got, store) =
+        (dir.path().join("want"), dir.path().join("got"), dir.path().join("sim.db"));
     let events = 60_000;
     let file = dir.path().join("sim.jsonl");
-    ok(caudal().args(["simulate", "--events", &events.to_string(), "--seed", "9", "--out"]).arg(&file));
+    ok(caudal()
+        .args(["simulate", "--events", &events.to_string(), "--seed", "9", "--out"])
+        .arg(&file));
     reference(&file, &want);
     let source = format!(
         "[source]\ntype = \"simulate\"\nseed = 9\nrate = \"40000/s\"\nevents = {events}\nstart = \"2026-01-05T08:00:00Z\"\n"

@@ -21,14 +21,29 @@ fn bench_matches_the_reference_for_two_seeds() {
 fn run_into_sqlite_then_export_matches_the_reference() {
     let input = erpgen(100_000, 7);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (want, got, store) = (dir.path().join("want"), dir.path().join("got"), dir.path().join("erp.db"));
+    let (want, got, store) =
+        (dir.path().join("want"), dir.path().join("got"), dir.path().join("erp.db"));
     reference(&input, &want);
-    ok(caudal().arg("run").arg(erp_pipeline()).arg("--input").arg(&input).arg("--store").arg(&store).arg("-q"));
+    ok(caudal()
+        .arg("run")
+        .arg(erp_pipeline())
+        .arg("--input")
+        .arg(&input)
+        .arg("--store")
+        .arg(&store)
+        .arg("-q"));
     export(&store, &got);
     assert_same_answer(&want, &got);
 
     // Running again over the same file is a no-op: everything is already committed.
-    ok(caudal().arg("run").arg(erp_pipeline()).arg("--input").arg(&input).arg("--store").arg(&store).arg("-q"));
+    ok(caudal()
+        .arg("run")
+        .arg(erp_pipeline())
+        .arg("--input")
+        .arg(&input)
+        .arg("--store")
+        .arg(&store)
+        .arg("-q"));
     let again = dir.path().join("again");
     export(&store, &again);
     assert_same_answer(&want, &again);
@@ -40,7 +55,11 @@ fn run_into_sqlite_then_export_matches_the_reference() {
         .expect("count silver");
     assert!(lines > 10_000, "silver_order_items has the current lines ({lines})");
     let dirty_emails: i64 = db
-        .query_row("SELECT COUNT(*) FROM silver_customers WHERE email <> lower(trim(email))", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM silver_customers WHERE email <> lower(trim(email))",
+            [],
+            |r| r.get(0),
+        )
         .expect("count emails");
     assert_eq!(dirty_emails, 0, "emails are trimmed and lowercased");
 }

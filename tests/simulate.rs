@@ -13,7 +13,13 @@ fn simulated_stream_matches_the_reference_in_process_and_as_json() {
 
     // Through the file source.
     let bench_out = dir.path().join("bench");
-    ok(caudal().arg("bench").arg("--input").arg(&file).arg("--out").arg(&bench_out).arg("--no-baseline"));
+    ok(caudal()
+        .arg("bench")
+        .arg("--input")
+        .arg(&file)
+        .arg("--out")
+        .arg(&bench_out)
+        .arg("--no-baseline"));
     assert_same_answer(&want, &bench_out);
 
     // Straight from the simulator into SQLite.
@@ -39,17 +45,19 @@ fn demo_runs_and_resumes() {
     let run = |events: &str| {
         ok(caudal().args(["demo", "--rate", "max", "--events", events, "--store"]).arg(&store));
     };
-    run("5000");
+    run("8000");
     let db = rusqlite::Connection::open(&store).expect("open");
     let count = |db: &rusqlite::Connection| -> i64 {
-        db.query_row("SELECT event_count FROM caudal_checkpoint", [], |r| r.get(0)).expect("checkpoint")
+        db.query_row("SELECT event_count FROM caudal_checkpoint", [], |r| r.get(0))
+            .expect("checkpoint")
     };
-    assert_eq!(count(&db), 5000);
-    let windows: i64 = db.query_row("SELECT COUNT(*) FROM gold_sales_10m", [], |r| r.get(0)).expect("gold");
+    assert_eq!(count(&db), 8000);
+    let windows: i64 =
+        db.query_row("SELECT COUNT(*) FROM gold_sales_10m", [], |r| r.get(0)).expect("gold");
     assert!(windows > 0, "the demo fills the gold table");
     drop(db);
-    // Running again resumes where it stopped: 5000 more, not 10000 from the start.
-    run("10000");
+    // Running again resumes where it stopped: 8000 more, not 16000 from the start.
+    run("16000");
     let db = rusqlite::Connection::open(&store).expect("open");
-    assert_eq!(count(&db), 10000);
+    assert_eq!(count(&db), 16000);
 }

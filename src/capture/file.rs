@@ -80,17 +80,24 @@ impl Source for FileSource {
     ) -> Result<(), CaptureError> {
         let start = match resume {
             Some(Checkpoint(token)) if !token.is_empty() => {
-                serde_json::from_str::<FileCheckpoint>(&token).map_err(|e| CaptureError::Definite {
-                    message: format!("checkpoint `{token}` is not a file position: {e}"),
-                    hint: Some("was the store written by another source type? use a new store".into()),
+                serde_json::from_str::<FileCheckpoint>(&token).map_err(|e| {
+                    CaptureError::Definite {
+                        message: format!("checkpoint `{token}` is not a file position: {e}"),
+                        hint: Some(
+                            "was the store written by another source type? use a new store".into(),
+                        ),
+                    }
                 })?
             }
             _ => FileCheckpoint::default(),
         };
         let this = *self;
-        tokio::task::spawn_blocking(move || this.read_all(start, out, shutdown))
-            .await
-            .map_err(|e| CaptureError::Definite { message: format!("file reader panicked: {e}"), hint: None })?
+        tokio::task::spawn_blocking(move || this.read_all(start, out, shutdown)).await.map_err(
+            |e| CaptureError::Definite {
+                message: format!("file reader panicked: {e}"),
+                hint: None,
+            },
+        )?
     }
 }
 
@@ -209,7 +216,10 @@ impl FileSource {
             let data: Arc<[u8]> = Arc::from(std::mem::replace(&mut carry, rest));
             let lines = memchr::memchr_iter(b'\n', &data).count() as u64;
             let chunk = Chunk { seq, data, start: pos };
-            pos = FileCheckpoint { offset: pos.offset + chunk.data.len() as u64, line: pos.line + lines };
+            pos = FileCheckpoint {
+                offset: pos.offset + chunk.data.len() as u64,
+                line: pos.line + lines,
+            };
             seq += 1;
             if work.send(chunk).is_err() {
                 return Err(CaptureError::Closed);
@@ -229,7 +239,8 @@ fn decode_chunk(decoder: &mut Decoder, chunk: &Chunk) -> Batch {
         let line = &data[at..end];
         let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
         if !trimmed.iter().all(u8::is_ascii_whitespace) {
-            let raw = RawPayload { chunk: data.clone(), start: at as u32, len: trimmed.len() as u32 };
+            let raw =
+                RawPayload { chunk: data.clone(), start: at as u32, len: trimmed.len() as u32 };
             events.push(decoder.decode(trimmed, line_no, Some(raw)));
         }
         at = end + 1;

@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use crate::bus;
 use crate::event::Checkpoint;
 
-
 /// Errors of sources, classified by what happens next.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {

@@ -462,7 +462,8 @@ fn table_schema(p: &mut Problems, name: &str, t: &RawTable) -> TableSchema {
     for (col, ty) in &t.columns {
         let key = format!("tables.{name}.columns.{col}");
         let ty = ColumnType::from_name(ty).unwrap_or_else(|| {
-            let hint = match did_you_mean(ty, ColumnType::NAMES.iter().copied()) {
+            let alias = sql_type_alias(ty);
+            let hint = match alias.or_else(|| did_you_mean(ty, ColumnType::NAMES.iter().copied())) {
                 Some(m) => format!("did you mean \"{m}\"? types: {}", ColumnType::NAMES.join(", ")),
                 None => format!("types: {}", ColumnType::NAMES.join(", ")),
             };
@@ -482,6 +483,26 @@ fn table_schema(p: &mut Problems, name: &str, t: &RawTable) -> TableSchema {
         }
     }
     TableSchema { name: name.into(), columns, key }
+}
+
+/// The caudal type for a SQL type name a user may write instead.
+fn sql_type_alias(name: &str) -> Option<&'static str> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "integer" | "bigint" | "smallint" | "tinyint" | "mediumint" | "long" => "int",
+        "numeric" | "money" => "decimal",
+        "varchar" | "char" | "text" | "enum" | "set" | "str" => "string",
+        "double" | "real" => "float",
+        "boolean" => "bool",
+        "datetime" => "timestamp",
+        "blob" | "binary" | "varbinary" => "bytes",
+        _ => return None,
+    })
+}
+
+/// Whether the column's type was already reported as unknown (no cascade of errors).
+fn type_reported(p: &Problems, table: &str, column: &str) -> bool {
+    let key = format!("tables.{table}.columns.{column}");
+    p.0.iter().any(|x| x.key == key)
 }
 
 fn unknown_column(p: &mut Problems, key: &str, col: &str, table: &str, columns: &[Column]) {
@@ -674,11 +695,13 @@ fn rule_spec(p: &mut Problems, key: &str, schema: &TableSchema, r: &RawRule) -> 
         return match literal_for(ty, d) {
             Some(value) => Some(vec![Rule::Default { column: col, value }]),
             None => {
-                p.add(
-                    format!("{key}.default"),
-                    Some(d.to_string()),
-                    format!("not a valid {} value", ty.name()),
-                );
+                if !type_reported(p, &schema.name, &schema.columns[col].name) {
+                    p.add(
+                        format!("{key}.default"),
+                        Some(d.to_string()),
+                        format!("not a valid {} value", ty.name()),
+                    );
+                }
                 None
             }
         };
@@ -736,11 +759,13 @@ fn rule_spec(p: &mut Problems, key: &str, schema: &TableSchema, r: &RawRule) -> 
             let col = column?;
             let ty = schema.columns[col].ty;
             let Some(v) = literal_for(ty, b) else {
-                p.add(
-                    format!("{key}.{name}"),
-                    Some(b.to_string()),
-                    format!("not a valid {} value", ty.name()),
-                );
+                if !type_reported(p, &schema.name, &schema.columns[col].name) {
+                    p.add(
+                        format!("{key}.{name}"),
+                        Some(b.to_string()),
+                        format!("not a valid {} value", ty.name()),
+                    );
+                }
                 return None;
             };
             let expr = Expr::Bin(

@@ -96,7 +96,10 @@ pub struct QuarantineRecord {
 pub enum QuarantineOp {
     Open(QuarantineRecord),
     /// Resolves the open record of (table, key).
-    Resolve { table: String, key: String },
+    Resolve {
+        table: String,
+        key: String,
+    },
 }
 
 /// One micro-batch of output.

@@ -71,7 +71,9 @@ pub fn eval<'a>(expr: &'a Expr, scope: &Scope<'a>) -> Cow<'a, Value> {
             _ => Value::Null,
         }),
         Expr::Neg(a) => Cow::Owned(match &*eval(a, scope) {
-            Value::Int(i) => i.checked_neg().map_or_else(|| Value::Decimal(-Decimal::from(*i)), Value::Int),
+            Value::Int(i) => {
+                i.checked_neg().map_or_else(|| Value::Decimal(-Decimal::from(*i)), Value::Int)
+            }
             Value::Float(f) => Value::Float(-f),
             v => v.to_decimal().map_or(Value::Null, |d| Value::Decimal(-d)),
         }),
@@ -103,11 +105,15 @@ fn call<'a>(f: Func, args: &'a [Expr], scope: &Scope<'a>) -> Cow<'a, Value> {
                     let m = 10f64.powi(places as i32);
                     Value::Float((x * m).round() / m)
                 }
-                v => v.to_decimal().map_or(Value::Null, |d| Value::Decimal(round_half_up(d, places))),
+                v => {
+                    v.to_decimal().map_or(Value::Null, |d| Value::Decimal(round_half_up(d, places)))
+                }
             }
         }
         Func::Abs => match &*arg(0) {
-            Value::Int(i) => i.checked_abs().map_or_else(|| Value::Decimal(Decimal::from(*i).abs()), Value::Int),
+            Value::Int(i) => {
+                i.checked_abs().map_or_else(|| Value::Decimal(Decimal::from(*i).abs()), Value::Int)
+            }
             Value::Float(x) => Value::Float(x.abs()),
             v => v.to_decimal().map_or(Value::Null, |d| Value::Decimal(d.abs())),
         },
@@ -222,7 +228,9 @@ pub fn is_integer(expr: &Expr, fact: &TableSchema, lookups: &[&TableSchema]) -> 
                 None => Some(fact),
                 Some(l) => lookups.get(l).copied(),
             };
-            schema.and_then(|s| s.columns.get(c.column)).is_some_and(|col| col.ty == ColumnType::Int)
+            schema
+                .and_then(|s| s.columns.get(c.column))
+                .is_some_and(|col| col.ty == ColumnType::Int)
         }
         Expr::Bin(BinOp::Add | BinOp::Sub | BinOp::Mul, a, b) => {
             is_integer(a, fact, lookups) && is_integer(b, fact, lookups)
@@ -230,8 +238,10 @@ pub fn is_integer(expr: &Expr, fact: &TableSchema, lookups: &[&TableSchema]) -> 
         Expr::Neg(a) => is_integer(a, fact, lookups),
         Expr::Func(Func::Abs, args) => args.iter().all(|a| is_integer(a, fact, lookups)),
         Expr::Func(Func::Length, _) => true,
-        Expr::Func(Func::Round, args) => matches!(args.get(1), Some(Expr::Lit(Value::Int(0))))
-            && args.first().is_some_and(|a| is_integer(a, fact, lookups)),
+        Expr::Func(Func::Round, args) => {
+            matches!(args.get(1), Some(Expr::Lit(Value::Int(0))))
+                && args.first().is_some_and(|a| is_integer(a, fact, lookups))
+        }
         _ => false,
     }
 }
@@ -284,15 +294,20 @@ mod tests {
         // 3 * 19.99 * 0.85 = 50.9745 -> 50.97
         assert_eq!(v.to_string(), "50.97");
         let filter = spec.gold[0].filter.clone().unwrap();
-        let order = [Value::Int(1), Value::Null, Value::Null, Value::Null, Value::Str("cancelled".into())];
-        let v = eval(&filter, &Scope { row: &row, lookups: &[None, Some(&order)] });
+        let order =
+            [Value::Int(1), Value::Null, Value::Null, Value::Null, Value::Str("cancelled".into())];
+        let lookups = [None, Some(&order[..])];
+        let v = eval(&filter, &Scope { row: &row, lookups: &lookups });
         assert!(!is_true(&v));
     }
 
     #[test]
     fn nulls_propagate_and_logic_is_three_valued() {
         assert!(binary(BinOp::Ge, &Value::Null, &Value::Int(1)).is_null());
-        assert_eq!(arithmetic(BinOp::Mul, &Value::Int(i64::MAX), &Value::Int(2)).to_string(), "18446744073709551614");
+        assert_eq!(
+            arithmetic(BinOp::Mul, &Value::Int(i64::MAX), &Value::Int(2)).to_string(),
+            "18446744073709551614"
+        );
         assert_eq!(arithmetic(BinOp::Div, &Value::Int(1), &Value::Int(4)).to_string(), "0.25");
     }
 

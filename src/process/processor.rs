@@ -140,8 +140,13 @@ impl Processor {
         let mut facts: Vec<Option<FactPlan>> = (0..n).map(|_| None).collect();
         let mut dependents = vec![Vec::new(); n];
         for (t, ts) in spec.tables.iter().enumerate() {
-            let golds: Vec<usize> =
-                spec.gold.iter().enumerate().filter(|(_, g)| g.table == t).map(|(i, _)| i).collect();
+            let golds: Vec<usize> = spec
+                .gold
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.table == t)
+                .map(|(i, _)| i)
+                .collect();
             if ts.lookups.is_empty() && golds.is_empty() {
                 continue;
             }
@@ -155,7 +160,10 @@ impl Processor {
                     f.columns(&mut cols);
                 }
                 gs.group_by.iter().for_each(|(_, e)| e.columns(&mut cols));
-                gs.measures.iter().filter_map(|m| m.expr.as_ref()).for_each(|e| e.columns(&mut cols));
+                gs.measures
+                    .iter()
+                    .filter_map(|m| m.expr.as_ref())
+                    .for_each(|e| e.columns(&mut cols));
                 for c in cols {
                     if let Some(l) = c.lookup {
                         if !used[l].contains(&c.column) {
@@ -168,11 +176,8 @@ impl Processor {
                 tables[lookup.table].kept = true;
                 dependents[lookup.table].push((t, l));
             }
-            facts[t] = Some(FactPlan {
-                index: vec![HashMap::new(); ts.lookups.len()],
-                used,
-                golds,
-            });
+            facts[t] =
+                Some(FactPlan { index: vec![HashMap::new(); ts.lookups.len()], used, golds });
         }
         let gold = spec
             .gold
@@ -230,7 +235,11 @@ impl Processor {
             .windows
             .iter()
             .map(|((w, g), st)| {
-                (*w, gs.groups[*g as usize].to_vec(), st.measures.iter().map(Accumulator::value).collect())
+                (
+                    *w,
+                    gs.groups[*g as usize].to_vec(),
+                    st.measures.iter().map(Accumulator::value).collect(),
+                )
             })
             .collect();
         rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
@@ -344,11 +353,8 @@ impl Processor {
             };
             self.pending.silver.insert((t, key.clone()), silver);
         }
-        let payload_row = if self.emit && c.raw.is_none() {
-            new.as_ref().map(|(r, _)| r.clone())
-        } else {
-            None
-        };
+        let payload_row =
+            if self.emit && c.raw.is_none() { new.as_ref().map(|(r, _)| r.clone()) } else { None };
 
         if self.tables[t].kept {
             let old_row = match new {
@@ -417,7 +423,10 @@ impl Processor {
     fn contribution(&self, t: TableId, key: &Key) -> Contribution {
         let Some(stored) = self.tables[t].rows.get(key) else { return Contribution::default() };
         if let Some(r) = &stored.failed {
-            return Contribution { quarantine: Some((Stage::Validate, r.clone())), gold: Vec::new() };
+            return Contribution {
+                quarantine: Some((Stage::Validate, r.clone())),
+                gold: Vec::new(),
+            };
         }
         let Some(plan) = &self.facts[t] else { return Contribution::default() };
         let lookups = &self.spec.tables[t].lookups;
@@ -456,7 +465,8 @@ impl Processor {
                 }
             };
             let window = micros.div_euclid(gs.window_micros) * gs.window_micros;
-            let group: Vec<Value> = gs.group_by.iter().map(|(_, e)| eval(e, &scope).into_owned()).collect();
+            let group: Vec<Value> =
+                gs.group_by.iter().map(|(_, e)| eval(e, &scope).into_owned()).collect();
             let group = match self.gold[g].group_ids.get(group.as_slice()) {
                 Some(id) => GroupRef::Known(*id),
                 None => GroupRef::New(group.into_boxed_slice()),
@@ -563,7 +573,11 @@ impl Processor {
             return;
         }
         let (payload, position, origin) = match &event {
-            Some((c, row)) => (self.payload(c, row.as_ref()), c.source.position.as_ref().map(ToString::to_string), c.origin),
+            Some((c, row)) => (
+                self.payload(c, row.as_ref()),
+                c.source.position.as_ref().map(ToString::to_string),
+                c.origin,
+            ),
             None => {
                 let row = self.tables[t].rows.get(key).map(|s| &s.row);
                 let schema = self.spec.catalog.table(t);
@@ -606,16 +620,18 @@ impl Processor {
             let spec = &self.spec.gold[g];
             for (window, id) in gs.dirty.drain() {
                 let measures = gs.windows.get(&(window, id)).map(|st| {
-                    let mut values: Vec<Value> = st.measures.iter().map(Accumulator::value).collect();
+                    let mut values: Vec<Value> =
+                        st.measures.iter().map(Accumulator::value).collect();
                     if let Some(ti) = spec.trend {
                         let prev = gs
                             .windows
                             .get(&(window - spec.window_micros, id))
                             .map(|p| p.measures[ti].value());
-                        let change = match (values[ti].to_decimal(), prev.and_then(|p| p.to_decimal())) {
-                            (Some(cur), Some(prev)) => Value::Decimal(cur - prev),
-                            _ => Value::Null,
-                        };
+                        let change =
+                            match (values[ti].to_decimal(), prev.and_then(|p| p.to_decimal())) {
+                                (Some(cur), Some(prev)) => Value::Decimal(cur - prev),
+                                _ => Value::Null,
+                            };
                         values.push(change);
                     }
                     values.into_boxed_slice()
@@ -674,14 +690,19 @@ impl Processor {
                     // from the payload of their quarantine record.
                     let mut key = None;
                     if stage == Stage::Validate {
-                        if let Event::Change(mut c) = decoder.decode(rec.payload.as_bytes(), rec.origin, None) {
+                        if let Event::Change(mut c) =
+                            decoder.decode(rec.payload.as_bytes(), rec.origin, None)
+                        {
                             if let Some(mut row) = c.after.take() {
                                 let verdict = clean(&self.spec.tables[t].rules, &mut row);
                                 key = Key::of(&row, &self.spec.catalog.table(t).key);
                                 if let (Some(k), true) = (&key, self.tables[t].kept) {
                                     self.tables[t].rows.insert(
                                         k.clone(),
-                                        Stored { row, failed: verdict.failed.or(Some(reason.clone())) },
+                                        Stored {
+                                            row,
+                                            failed: verdict.failed.or(Some(reason.clone())),
+                                        },
                                     );
                                 }
                             }
@@ -698,7 +719,8 @@ impl Processor {
             }
         }
         // Rebuild indexes and aggregates from the recovered rows.
-        let facts: Vec<TableId> = (0..self.facts.len()).filter(|t| self.facts[*t].is_some()).collect();
+        let facts: Vec<TableId> =
+            (0..self.facts.len()).filter(|t| self.facts[*t].is_some()).collect();
         let emit = std::mem::replace(&mut self.emit, false);
         for t in facts {
             let keys: Vec<Key> = self.tables[t].rows.keys().cloned().collect();
@@ -727,5 +749,11 @@ impl Processor {
 
 /// Parses a rendered single-column key back (composite keys are rebuilt from payloads).
 fn parse_key(s: &str) -> Option<Key> {
-    s.parse::<i64>().ok().map(Key::Int).or_else(|| Some(Key::Values(Box::new([Value::Str(s.into())]))))
+    s.parse::<i64>()
+        .ok()
+        .map(Key::Int)
+        .or_else(|| Some(Key::Values(Box::new([Value::Str(s.into())]))))
 }
+
+#[cfg(test)]
+mod tests;

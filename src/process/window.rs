@@ -18,10 +18,20 @@ use crate::event::Value;
 pub enum Accumulator {
     Count(i64),
     /// Sum of non-null inputs, their count, and whether to print as an integer.
-    Sum { sum: Decimal, n: i64, integer: bool },
-    Avg { sum: Decimal, n: i64 },
+    Sum {
+        sum: Decimal,
+        n: i64,
+        integer: bool,
+    },
+    Avg {
+        sum: Decimal,
+        n: i64,
+    },
     /// Value -> multiplicity, for retractable min/max.
-    MinMax { values: BTreeMap<Value, i64>, max: bool },
+    MinMax {
+        values: BTreeMap<Value, i64>,
+        max: bool,
+    },
 }
 
 impl Accumulator {

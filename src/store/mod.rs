@@ -14,7 +14,6 @@ use async_trait::async_trait;
 use crate::event::output::{Commit, QuarantineRecord};
 use crate::event::{Checkpoint, Row, TableId};
 
-
 /// What a store had durable at the last commit.
 #[derive(Debug, Default)]
 pub struct Recovered {

@@ -75,7 +75,8 @@ pub fn assert_same_answer(want: &Path, got: &Path) {
         if w != g {
             let wl: Vec<&str> = w.lines().collect();
             let gl: Vec<&str> = g.lines().collect();
-            let first = wl.iter().zip(&gl).position(|(a, b)| a != b).unwrap_or(wl.len().min(gl.len()));
+            let first =
+                wl.iter().zip(&gl).position(|(a, b)| a != b).unwrap_or(wl.len().min(gl.len()));
             panic!(
                 "{name} differs (want {} lines, got {}); first difference at line {}:\n want: {:?}\n  got: {:?}",
                 wl.len(),

@@ -1,0 +1,191 @@
+//! Invariants of the processor: the gold answer depends only on the changes, not
+//! on how they are batched or how often they are re-delivered; retracting what was
+//! added is a no-op; a dimension arriving after its facts releases them.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::event::debezium::Decoder;
+use crate::store::export;
+
+fn spec() -> Arc<PipelineSpec> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/erp.toml");
+    Arc::new(crate::config::load(&path).expect("the shipped pipeline loads"))
+}
+
+fn golden(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/envelopes").join(name);
+    std::fs::read_to_string(path).expect("golden file")
+}
+
+fn sample_events(spec: &PipelineSpec) -> Vec<Event> {
+    let mut dec = Decoder::new(spec.catalog.clone());
+    golden("erp_sample.jsonl")
+        .lines()
+        .enumerate()
+        .map(|(i, l)| dec.decode(l.as_bytes(), i as u64 + 1, None))
+        .collect()
+}
+
+/// Runs `events` split into batches of the given sizes; returns the two CSVs.
+fn run(
+    spec: &Arc<PipelineSpec>,
+    events: Vec<Event>,
+    sizes: &[usize],
+    emit: bool,
+) -> (String, String) {
+    let mut p = Processor::new(spec.clone(), emit);
+    let mut it = events.into_iter().peekable();
+    let mut k = 0;
+    while it.peek().is_some() {
+        let n = sizes.get(k % sizes.len().max(1)).copied().unwrap_or(1).max(1);
+        k += 1;
+        let batch: Vec<Event> = it.by_ref().take(n).collect();
+        p.process(Batch { events: batch, checkpoint: Checkpoint::default() });
+        if emit {
+            let _ = p.flush();
+        }
+    }
+    csvs(spec, &p)
+}
+
+fn csvs(spec: &PipelineSpec, p: &Processor) -> (String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    export::write_gold(dir.path(), &spec.gold[0], p.gold_rows(0)).expect("write");
+    export::write_quarantine_summary(dir.path(), p.quarantine_summary()).expect("write");
+    let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).expect("read");
+    (read("gold_sales_10m.csv"), read("quarantine_summary.csv"))
+}
+
+#[test]
+fn matches_the_reference_on_the_golden_sample() {
+    let spec = spec();
+    let (gold, quarantine) = run(&spec, sample_events(&spec), &[usize::MAX], false);
+    assert_eq!(gold, golden("erp_sample.gold_sales_10m.csv"));
+    assert_eq!(quarantine, golden("erp_sample.quarantine_summary.csv"));
+}
+
+#[test]
+fn emitting_output_does_not_change_the_answer() {
+    let spec = spec();
+    let (gold, quarantine) = run(&spec, sample_events(&spec), &[7, 100, 1], true);
+    assert_eq!(gold, golden("erp_sample.gold_sales_10m.csv"));
+    assert_eq!(quarantine, golden("erp_sample.quarantine_summary.csv"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Re-deliveries anywhere after the original, and any batching, give the same gold.
+    #[test]
+    fn redeliveries_and_batch_sizes_never_change_gold(
+        dups in proptest::collection::vec((0usize..1500, 1usize..600), 0..60),
+        sizes in proptest::collection::vec(1usize..400, 1..6),
+        emit in any::<bool>(),
+    ) {
+        let spec = spec();
+        let mut events = sample_events(&spec);
+        for (from, gap) in dups {
+            if from < events.len() {
+                let copy = events[from].clone();
+                let at = (from + gap).min(events.len());
+                events.insert(at, copy);
+            }
+        }
+        let (gold, quarantine) = run(&spec, events, &sizes, emit);
+        prop_assert_eq!(gold, golden("erp_sample.gold_sales_10m.csv"));
+        prop_assert_eq!(quarantine, golden("erp_sample.quarantine_summary.csv"));
+    }
+}
+
+fn change(spec: &PipelineSpec, line: &str) -> Event {
+    Decoder::new(spec.catalog.clone()).decode(line.as_bytes(), 1, None)
+}
+
+fn item(id: i64, product: i64, qty: i64, pos: u64, op: &str) -> String {
+    let row = format!(
+        r#"{{"id":{id},"order_id":1,"product_id":{product},"quantity":{qty},"unit_price":"10.00","discount":null}}"#
+    );
+    let (before, after) = if op == "d" { (row.as_str(), "null") } else { ("null", row.as_str()) };
+    format!(
+        r#"{{"value":{{"before":{before},"after":{after},"source":{{"table":"order_items","file":"b.000001","pos":{pos},"row":0}},"op":"{op}"}}}}"#
+    )
+}
+
+fn order(status: &str, pos: u64) -> String {
+    format!(
+        r#"{{"value":{{"after":{{"id":1,"customer_id":1,"employee_id":1,"channel":"web","status":"{status}","order_ts":1767600000000,"currency":"PEN","total":"1.00","city":null}},"source":{{"table":"orders","file":"b.000001","pos":{pos},"row":0}},"op":"c"}}}}"#
+    )
+}
+
+fn product(pos: u64) -> String {
+    format!(
+        r#"{{"value":{{"after":{{"id":5,"sku":"S","name":"n","category":"toys","unit_price":"10.00","active":1,"updated_at":0}},"source":{{"table":"products","file":"b.000001","pos":{pos},"row":0}},"op":"c"}}}}"#
+    )
+}
+
+fn feed(p: &mut Processor, spec: &PipelineSpec, lines: &[String]) {
+    let events = lines.iter().map(|l| change(spec, l)).collect();
+    p.process(Batch { events, checkpoint: Checkpoint::default() });
+}
+
+#[test]
+fn facts_wait_for_their_dimensions_and_retract_on_cancel() {
+    let spec = spec();
+    let mut p = Processor::new(spec.clone(), true);
+    // A line before its product and its order: quarantined as unknown_product for now.
+    feed(&mut p, &spec, &[item(1, 5, 2, 10, "c")]);
+    assert_eq!(p.quarantine_summary(), vec![("unknown_product".to_string(), 1)]);
+    // The product arrives: the line leaves quarantine and waits for its order.
+    feed(&mut p, &spec, &[product(11)]);
+    assert!(p.quarantine_summary().is_empty());
+    assert!(p.gold_rows(0).is_empty());
+    // The order arrives: the line counts.
+    feed(&mut p, &spec, &[order("pending", 12)]);
+    let rows = p.gold_rows(0);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].2[2].to_string(), "20.00");
+    // Cancelled: retracted. Back to pending: counted again.
+    feed(&mut p, &spec, &[order("cancelled", 13)]);
+    assert!(p.gold_rows(0).is_empty());
+    feed(&mut p, &spec, &[order("paid", 14)]);
+    assert_eq!(p.gold_rows(0).len(), 1);
+    // Deleting the line removes it.
+    feed(&mut p, &spec, &[item(1, 5, 2, 15, "d")]);
+    assert!(p.gold_rows(0).is_empty());
+    let commit = p.flush();
+    let resolves =
+        commit.quarantine.iter().filter(|q| matches!(q, QuarantineOp::Resolve { .. })).count();
+    assert_eq!(resolves, 1, "the unknown_product record was resolved");
+    assert!(commit.gold.iter().any(|g| g.measures.is_none()), "the emptied window is deleted");
+}
+
+#[test]
+fn an_update_that_fixes_a_line_leaves_quarantine() {
+    let spec = spec();
+    let mut p = Processor::new(spec.clone(), false);
+    feed(&mut p, &spec, &[product(1), order("paid", 2), item(7, 5, 0, 3, "c")]);
+    assert_eq!(p.quarantine_summary(), vec![("invalid_quantity".to_string(), 1)]);
+    feed(&mut p, &spec, &[item(7, 5, 3, 4, "u")]);
+    assert!(p.quarantine_summary().is_empty());
+    assert_eq!(p.gold_rows(0)[0].2[1], Value::Int(3));
+}
+
+#[test]
+fn unreadable_lines_are_quarantined_not_dropped() {
+    let spec = spec();
+    let mut p = Processor::new(spec.clone(), true);
+    feed(&mut p, &spec, &["{oops".to_string()]);
+    let commit = p.flush();
+    assert_eq!(p.stats().bad_events, 1);
+    match &commit.quarantine[..] {
+        [QuarantineOp::Open(r)] => {
+            assert_eq!(&*r.reason, "malformed_json");
+            assert_eq!(r.payload, "{oops");
+        }
+        other => panic!("expected one record, got {other:?}"),
+    }
+}
