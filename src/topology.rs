@@ -22,7 +22,6 @@ use crate::bus;
 use crate::capture::{file::FileSource, simulator::SimulatorSource, CaptureError, Source};
 use crate::config::spec::{PipelineSpec, SourceSpec, StoreSpec};
 use crate::event::output::Commit;
-use crate::event::Value;
 use crate::process::{Processor, Stats};
 use crate::store::{sqlite::SqliteSink, Sink, StoreError};
 
@@ -64,6 +63,9 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// One gold table's latest window: name, column names, rows.
+pub type LatestGold = (String, Vec<String>, Vec<crate::store::export::GoldRow>);
+
 /// A snapshot of a running pipeline, for progress displays.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -74,7 +76,7 @@ pub struct Progress {
     /// Open quarantine by reason.
     pub quarantine: Vec<(String, u64)>,
     /// Per gold table: name, column names, rows of the latest window.
-    pub latest_gold: Vec<(String, Vec<String>, Vec<(i64, Vec<Value>, Vec<Value>)>)>,
+    pub latest_gold: Vec<LatestGold>,
     pub last_commit_ms: u64,
 }
 
@@ -192,15 +194,13 @@ fn process_loop(
             due_now = false;
             if emit {
                 let commit = processor.flush();
-                if commit.event_count > 0
+                let worth_writing = commit.event_count > 0
                     || commit.gold_reset
                     || !commit.quarantine.is_empty()
-                    || ended
-                {
-                    if commits.blocking_send(commit).is_err() {
-                        warn!("store stopped; processing stops");
-                        break;
-                    }
+                    || ended;
+                if worth_writing && commits.blocking_send(commit).is_err() {
+                    warn!("store stopped; processing stops");
+                    break;
                 }
             }
             if let Some(p) = &progress {

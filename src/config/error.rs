@@ -41,7 +41,7 @@ pub enum ConfigError {
     },
     /// The file is not valid TOML or a value has the wrong shape.
     #[error("{}:{line}:{column}: {problem}", file.display())]
-    Parse { file: PathBuf, line: usize, column: usize, problem: Problem },
+    Parse { file: PathBuf, line: usize, column: usize, problem: Box<Problem> },
     /// The file parsed, but its settings do not make a valid pipeline.
     #[error("{}", render_invalid(file, problems))]
     Invalid { file: PathBuf, problems: Vec<Problem> },

@@ -40,12 +40,12 @@ pub fn parse(path: &Path, text: &str) -> Result<PipelineSpec, ConfigError> {
             file: path.to_owned(),
             line,
             column,
-            problem: Problem {
+            problem: Box::new(Problem {
                 key: if key == "." { "(top level)".into() } else { key },
                 value: None,
                 message,
                 hint,
-            },
+            }),
         }
     })?;
     PipelineSpec::from_raw(raw)

@@ -1036,7 +1036,7 @@ fn gold_spec(
     names.extend(measures.iter().map(|m| m.name.as_str()));
     for (j, n) in names.iter().enumerate() {
         if names[..j].contains(n) || ["window_start", "window_end"].contains(n) {
-            p.add(format!("{key}"), Some(quote(n)), "duplicate or reserved output column name");
+            p.add(key.clone(), Some(quote(n)), "duplicate or reserved output column name");
         }
     }
     let trend = match &g.trend {

@@ -264,6 +264,9 @@ struct EnvelopeFields<'de> {
     ts_ms: Option<i64>,
 }
 
+/// A decoded row and its undeclared columns as a JSON object.
+type RowWithExtra = (Row, Option<Box<str>>);
+
 /// A row image: decoded when the table was known at that point of the line,
 /// otherwise kept raw and decoded once `source.table` is read.
 #[derive(Default)]
@@ -275,7 +278,7 @@ enum RowField<'de> {
 }
 
 impl RowField<'_> {
-    fn into_row(self, schema: &TableSchema) -> Result<Option<(Row, Option<Box<str>>)>, Failure> {
+    fn into_row(self, schema: &TableSchema) -> Result<Option<RowWithExtra>, Failure> {
         match self {
             RowField::Absent => Ok(None),
             RowField::Decoded(row, extra) => Ok(Some((row, extra))),

@@ -709,7 +709,7 @@ impl Processor {
                         }
                     }
                     if key.is_none() {
-                        key = rec.key.as_deref().and_then(|k| parse_key(k));
+                        key = rec.key.as_deref().and_then(parse_key);
                     }
                     if let Some(k) = key {
                         *self.quarantine_counts.entry(reason.clone()).or_insert(0) += 1;
