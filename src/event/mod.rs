@@ -130,7 +130,8 @@ impl PartialOrd for Position {
                 Position::Binlog { file: f1, pos: p1, row: r1 },
                 Position::Binlog { file: f2, pos: p2, row: r2 },
             ) => {
-                let files = if f1 == f2 {
+                // Consecutive events share one `Arc` of the file name: compare pointers first.
+                let files = if Arc::ptr_eq(f1, f2) || f1 == f2 {
                     Ordering::Equal
                 } else {
                     Position::file_seq(f1).cmp(&Position::file_seq(f2)).then_with(|| f1.cmp(f2))
