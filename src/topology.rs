@@ -247,11 +247,12 @@ async fn write_commits(
         return Ok(0);
     };
     while let Some(commit) = rx.recv().await {
+        let commit = Arc::new(commit);
         let mut backoff = RETRY_MIN;
         let events = commit.event_count;
         let started = Instant::now();
         loop {
-            match sink.write(commit.clone()).await {
+            match sink.write(Arc::clone(&commit)).await {
                 Ok(_) => break,
                 Err(e) if e.is_transient() => {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "store unavailable, retrying");

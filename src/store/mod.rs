@@ -76,5 +76,7 @@ pub trait Sink: Send {
     /// `tables` and the open quarantine records.
     async fn recover(&mut self, tables: &[TableId]) -> Result<Recovered, StoreError>;
     /// Writes one commit durably.
-    async fn write(&mut self, commit: Commit) -> Result<Ack, StoreError>;
+    /// Takes an `Arc` so a caller can retry the same commit after a transient error
+    /// without copying its rows.
+    async fn write(&mut self, commit: std::sync::Arc<Commit>) -> Result<Ack, StoreError>;
 }

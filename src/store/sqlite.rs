@@ -226,8 +226,8 @@ impl Sink for SqliteSink {
         self.run("recover", move |conn, plan| recover(conn, plan, &tables)).await
     }
 
-    async fn write(&mut self, commit: Commit) -> Result<Ack, StoreError> {
-        self.run("write", move |conn, plan| write(conn, plan, commit)).await
+    async fn write(&mut self, commit: Arc<Commit>) -> Result<Ack, StoreError> {
+        self.run("write", move |conn, plan| write(conn, plan, &commit)).await
     }
 }
 
@@ -783,7 +783,7 @@ fn ensure_table(
 
 // ---- write ------------------------------------------------------------------
 
-fn write(conn: &mut Connection, plan: &Plan, commit: Commit) -> Result<Ack, StoreError> {
+fn write(conn: &mut Connection, plan: &Plan, commit: &Commit) -> Result<Ack, StoreError> {
     let now = now_iso();
     // IMMEDIATE takes the write lock up front, so a concurrent writer makes this
     // wait (busy_timeout) rather than fail halfway through the commit.
@@ -803,15 +803,15 @@ fn write(conn: &mut Connection, plan: &Plan, commit: Commit) -> Result<Ack, Stor
         .and_then(|mut s| {
             s.execute(rusqlite::params![
                 plan.pipeline,
-                commit.checkpoint.0,
-                commit.state,
+                &commit.checkpoint.0,
+                &commit.state,
                 event_count,
                 now
             ])
         })
         .map_err(|e| sql_error(e, "upsert into `caudal_checkpoint`".to_owned()))?;
     tx.commit().map_err(|e| sql_error(e, "commit".to_owned()))?;
-    Ok(Ack { checkpoint: commit.checkpoint, event_count: commit.event_count })
+    Ok(Ack { checkpoint: commit.checkpoint.clone(), event_count: commit.event_count })
 }
 
 /// The statement in `slot`, prepared (from the connection's cache) on first use.
@@ -1283,7 +1283,7 @@ columns = { k = "string", n = "decimal", v = "string" }
             c.silver.push(upsert(0, &[0], row.clone()));
         }
         c.silver.push(upsert(1, &[0, 1], pair.clone()));
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
 
         let got = s.recover(&[0, 1]).await.unwrap();
         let want: Vec<String> = {
@@ -1342,14 +1342,14 @@ columns = { k = "string", n = "decimal", v = "string" }
         }
         c.silver.push(upsert(1, &[0, 1], vec![text("a"), dec("1.50"), text("x")]));
         c.silver.push(upsert(1, &[0, 1], vec![text("a"), dec("2"), text("y")]));
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
 
         let mut c = commit(2);
         c.silver.push(delete(0, Key::Int(2)));
         c.silver.push(delete(1, Key::Values(vec![text("a"), dec("1.50")].into())));
         // Deleting a row that does not exist is not an error.
         c.silver.push(delete(0, Key::Int(99)));
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
 
         let got = s.recover(&[0, 1]).await.unwrap();
         let ids: Vec<String> = sorted(&got.rows, 0);
@@ -1398,7 +1398,7 @@ columns = { k = "string", n = "decimal", v = "string" }
             [text("app"), text("books")],
             measures(4, "4"),
         ));
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
 
         // Upserts replace: the NULL group and a changed value stay one row each.
         let mut c = commit(2);
@@ -1408,7 +1408,7 @@ columns = { k = "string", n = "decimal", v = "string" }
             measures(5, "5.10"),
         ));
         c.gold.push(gold_row("2026-01-05T08:00:00Z", [text("app"), text("books")], None));
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
 
         let rows = read_gold(&path, &spec, 0).unwrap();
         let rendered: Vec<String> = rows
@@ -1445,7 +1445,7 @@ columns = { k = "string", n = "decimal", v = "string" }
             [text("web"), text("toys")],
             measures(7, "7"),
         ));
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
         let rows = read_gold(&path, &spec, 0).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].0, micros("2026-01-05T09:00:00Z"));
@@ -1454,7 +1454,7 @@ columns = { k = "string", n = "decimal", v = "string" }
         let mut c = commit(4);
         c.gold_reset = true;
         c.gold.push(GoldChange { gold: 0, window_start: 0, group: [].into(), measures: None });
-        assert!(matches!(s.write(c).await, Err(StoreError::Definite { .. })));
+        assert!(matches!(s.write(Arc::new(c)).await, Err(StoreError::Definite { .. })));
         assert_eq!(read_gold(&path, &spec, 0).unwrap().len(), 1);
         assert!(read_gold(&path, &spec, 5).is_err());
     }
@@ -1492,12 +1492,12 @@ columns = { k = "string", n = "decimal", v = "string" }
         c.quarantine.push(record(None, None, "malformed_json", 12));
         c.quarantine.push(record(Some("order_items"), Some("3"), "invalid_quantity", 13));
         c.quarantine.push(QuarantineOp::Resolve { table: "order_items".into(), key: "3".into() });
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
         let mut c = commit(2);
         c.quarantine.push(QuarantineOp::Resolve { table: "order_items".into(), key: "1".into() });
         // Resolving what is not open is a no-op.
         c.quarantine.push(QuarantineOp::Resolve { table: "order_items".into(), key: "77".into() });
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
 
         assert_eq!(
             read_quarantine_summary(&path).unwrap(),
@@ -1529,7 +1529,7 @@ columns = { k = "string", n = "decimal", v = "string" }
         // A resolved row quarantined again opens a new record.
         let mut c = commit(3);
         c.quarantine.push(record(Some("order_items"), Some("1"), "unknown_product", 20));
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
         assert_eq!(
             read_quarantine_summary(&path).unwrap(),
             vec![("malformed_json".to_owned(), 1), ("unknown_product".to_owned(), 2)]
@@ -1545,8 +1545,8 @@ columns = { k = "string", n = "decimal", v = "string" }
             let mut s = sink(&dir, &spec).await;
             let empty = s.recover(&[0]).await.unwrap();
             assert!(empty.checkpoint.is_none() && empty.state.is_none());
-            s.write(commit(10)).await.unwrap();
-            let ack = s.write(commit(5)).await.unwrap();
+            s.write(Arc::new(commit(10))).await.unwrap();
+            let ack = s.write(Arc::new(commit(5))).await.unwrap();
             assert_eq!((ack.checkpoint, ack.event_count), (commit(5).checkpoint, 5));
         }
         // Read-only readers open the file once the writer has closed it (and SQLite
@@ -1638,7 +1638,7 @@ columns = { k = "string", n = "decimal", v = "string" }
         let mut first = commit(1);
         first.silver.push(upsert(orders, &[0], order(1, "10.00")));
         first.silver.push(upsert(orders, &[0], order(2, "20.00")));
-        s.write(first).await.unwrap();
+        s.write(Arc::new(first)).await.unwrap();
 
         let mut c = commit(2);
         c.silver.push(upsert(orders, &[0], order(1, "11.50")));
@@ -1653,9 +1653,9 @@ columns = { k = "string", n = "decimal", v = "string" }
         c.quarantine.push(record(None, None, "malformed_json", 5));
         c.quarantine.push(record(Some("order_items"), Some("8"), "unknown_product", 6));
         c.quarantine.push(QuarantineOp::Resolve { table: "order_items".into(), key: "8".into() });
-        s.write(c.clone()).await.unwrap();
+        s.write(Arc::new(c.clone())).await.unwrap();
         let once = dump(&path, &spec);
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
         let twice = dump(&path, &spec);
         assert_eq!(once, twice);
         assert!(once.iter().any(|l| l.starts_with("silver_orders: Integer(1)")));
@@ -1701,12 +1701,12 @@ columns = { id = "int", a = "string", b = "decimal" }
             let mut s = sink(&dir, &v1).await;
             let mut c = commit(1);
             c.silver.push(upsert(0, &[0], vec![Value::Int(1), text("old")]));
-            s.write(c).await.unwrap();
+            s.write(Arc::new(c)).await.unwrap();
         }
         let mut s = sink(&dir, &v2).await;
         let mut c = commit(2);
         c.silver.push(upsert(0, &[0], vec![Value::Int(2), text("new"), dec("0.10")]));
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
         let got = s.recover(&[0]).await.unwrap();
         assert_eq!(
             sorted(&got.rows, 0),
@@ -1788,7 +1788,7 @@ columns = { id = "int", _flags = "string" }
         for (round, label) in [(1, "insert"), (2, "update")] {
             let c = make(round);
             let started = std::time::Instant::now();
-            s.write(c).await.unwrap();
+            s.write(Arc::new(c)).await.unwrap();
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "sqlite silver {label}: {ROWS} rows in {secs:.3}s = {:.0} rows/s",
@@ -1828,7 +1828,7 @@ columns = { id = "int", _flags = "string" }
             })
             .collect();
         let started = std::time::Instant::now();
-        s.write(c).await.unwrap();
+        s.write(Arc::new(c)).await.unwrap();
         let secs = started.elapsed().as_secs_f64();
         println!(
             "sqlite silver orders: {ROWS} rows in {secs:.3}s = {:.0} rows/s",
