@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CaptureError, Source};
 use crate::bus;
 use crate::event::debezium::Decoder;
-use crate::event::{Batch, Catalog, Checkpoint, RawPayload};
+use crate::event::{Batch, BytePool, Catalog, Checkpoint, PooledBytes, RawPayload};
 
 /// Bytes per chunk: about two thousand workload lines, large enough to amortize
 /// the hand-offs between threads, small enough to keep the queues' memory low.
@@ -61,7 +61,7 @@ impl FileSource {
 
 struct Chunk {
     seq: u64,
-    data: Arc<[u8]>,
+    data: Arc<PooledBytes>,
     /// Offset of `data` in the file, and lines before it.
     start: FileCheckpoint,
 }
@@ -139,7 +139,7 @@ impl FileSource {
                 let done_tx = done_tx.clone();
                 let catalog = catalog.clone();
                 scope.spawn(move || {
-                    let mut decoder = Decoder::new(catalog);
+                    let mut decoder = Decoder::new(catalog).lazy_before(true);
                     loop {
                         // Hold the lock only to take the next chunk.
                         let next = work_rx.lock().ok().and_then(|rx| rx.recv().ok());
@@ -183,46 +183,63 @@ impl FileSource {
         work: &mpsc::SyncSender<Chunk>,
         shutdown: &CancellationToken,
     ) -> Result<(), CaptureError> {
+        // Enough buffers for every chunk that can be in flight (queues and decoders).
+        let pool = BytePool::new(self.threads * 4 + 16);
         let mut pos = start;
-        let mut carry: Vec<u8> = Vec::new();
+        let mut tail: Vec<u8> = Vec::new();
         let mut seq = 0u64;
-        let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let n = file.read(&mut buf).map_err(|e| CaptureError::Definite {
-                message: format!("cannot read `{}`: {e}", self.path.display()),
-                hint: None,
+            let mut data = pool.take(CHUNK_BYTES + tail.len());
+            data.extend_from_slice(&tail);
+            tail.clear();
+            let want = CHUNK_BYTES as u64;
+            // `read_to_end` fills the spare capacity without zeroing it first.
+            let n = Read::by_ref(file).take(want).read_to_end(&mut data).map_err(|e| {
+                CaptureError::Definite {
+                    message: format!("cannot read `{}`: {e}", self.path.display()),
+                    hint: None,
+                }
             })?;
-            if n == 0 {
-                if self.follow {
-                    std::thread::sleep(FOLLOW_POLL);
-                    continue;
-                }
-                // A last line without a newline still counts.
-                if !carry.is_empty() {
-                    let data: Arc<[u8]> = Arc::from(std::mem::take(&mut carry));
-                    let _ = work.send(Chunk { seq, data, start: pos });
-                }
-                return Ok(());
-            }
-            carry.extend_from_slice(&buf[..n]);
-            if carry.len() < CHUNK_BYTES / 2 && !self.follow {
+            let at_end = n == 0;
+            if at_end && self.follow {
+                tail = data;
+                std::thread::sleep(FOLLOW_POLL);
                 continue;
             }
-            let Some(last_nl) = memchr::memrchr(b'\n', &carry) else { continue };
-            let rest = carry.split_off(last_nl + 1);
-            let data: Arc<[u8]> = Arc::from(std::mem::replace(&mut carry, rest));
+            if at_end && data.is_empty() {
+                return Ok(());
+            }
+            // Cut at the last line end; the partial line starts the next chunk
+            // (at the end of the file, a last line without a newline still counts).
+            if !at_end {
+                match memchr::memrchr(b'\n', &data) {
+                    Some(last_nl) => {
+                        tail.extend_from_slice(&data[last_nl + 1..]);
+                        data.truncate(last_nl + 1);
+                    }
+                    None => {
+                        tail = data;
+                        continue;
+                    }
+                }
+            }
             let lines = memchr::memchr_iter(b'\n', &data).count() as u64;
-            let chunk = Chunk { seq, data, start: pos };
-            pos = FileCheckpoint {
-                offset: pos.offset + chunk.data.len() as u64,
-                line: pos.line + lines,
+            let len = data.len() as u64;
+            let chunk = Chunk {
+                seq,
+                data: Arc::new(PooledBytes::new(data, Some(pool.clone()))),
+                start: pos,
             };
+            pos = FileCheckpoint { offset: pos.offset + len, line: pos.line + lines };
             seq += 1;
             if work.send(chunk).is_err() {
                 return Err(CaptureError::Closed);
+            }
+            if at_end {
+                return Ok(());
             }
         }
     }

@@ -194,11 +194,74 @@ pub struct Source {
     pub ts_ms: i64,
 }
 
+/// A buffer of bytes a source read, shared by the changes decoded from it and
+/// handed back to its [`BytePool`] when the last of them is dropped.
+///
+/// Why a pool: a file source reads hundreds of megabytes; fresh buffers for each
+/// chunk cost a page fault (and a page zeroing) per 4 KiB, about a tenth of the
+/// pipeline's time. Recycled buffers keep their pages.
+#[derive(Debug, Default)]
+pub struct PooledBytes {
+    data: Vec<u8>,
+    pool: Option<Arc<BytePool>>,
+}
+
+impl PooledBytes {
+    pub fn new(data: Vec<u8>, pool: Option<Arc<BytePool>>) -> Self {
+        Self { data, pool }
+    }
+}
+
+impl std::ops::Deref for PooledBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for PooledBytes {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.put(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+/// Free buffers for [`PooledBytes`], at most `max` kept.
+#[derive(Debug)]
+pub struct BytePool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+    max: usize,
+}
+
+impl BytePool {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { free: std::sync::Mutex::new(Vec::new()), max })
+    }
+
+    /// An empty buffer with at least `capacity` bytes of room.
+    pub fn take(&self, capacity: usize) -> Vec<u8> {
+        let reused = self.free.lock().ok().and_then(|mut f| f.pop());
+        let mut buf = reused.unwrap_or_default();
+        buf.clear();
+        buf.reserve(capacity);
+        buf
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        if let Ok(mut free) = self.free.lock() {
+            if free.len() < self.max {
+                free.push(buf);
+            }
+        }
+    }
+}
+
 /// A slice of the bytes a source read, kept so quarantine can store the payload
 /// exactly as it arrived.
 #[derive(Debug, Clone)]
 pub struct RawPayload {
-    pub chunk: Arc<[u8]>,
+    pub chunk: Arc<PooledBytes>,
     pub start: u32,
     pub len: u32,
 }

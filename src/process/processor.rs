@@ -58,11 +58,33 @@ struct FactPlan {
 
 #[derive(Debug, Default)]
 struct GoldState {
-    group_ids: HashMap<Box<[Value]>, u32>,
+    /// Hash of a group's values -> ids of the groups with that hash. Looked up with
+    /// borrowed values, so finding an existing group clones no string.
+    group_ids: HashMap<u64, Vec<u32>>,
+    group_hasher: ahash::RandomState,
     groups: Vec<Box<[Value]>>,
     windows: HashMap<(i64, u32), GroupState>,
     integer: Vec<bool>,
     dirty: HashSet<(i64, u32)>,
+}
+
+impl GoldState {
+    fn group_hash(&self, values: &[std::borrow::Cow<'_, Value>]) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.group_hasher.build_hasher();
+        for v in values {
+            (**v).hash(&mut h);
+        }
+        h.finish()
+    }
+
+    fn find_group(&self, values: &[std::borrow::Cow<'_, Value>]) -> Option<u32> {
+        let ids = self.group_ids.get(&self.group_hash(values))?;
+        ids.iter().copied().find(|id| {
+            let g = &self.groups[*id as usize];
+            g.len() == values.len() && g.iter().zip(values).all(|(a, b)| a == &**b)
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -315,13 +337,28 @@ impl Processor {
         };
 
         let is_fact = self.facts[t].is_some();
-        let old_contribution = if is_fact { Some(self.contribution(t, &key)) } else { None };
+        let kept = self.tables[t].kept;
+        let new = new.map(|(row, verdict)| (Stored { row, failed: verdict.failed }, verdict.flags));
+        let old = if kept { self.tables[t].rows.get(&key) } else { None };
+        // For facts the open quarantine always equals the contribution's, so no
+        // lookup in `open_quarantine` is needed.
+        let old_contribution = is_fact.then(|| self.contribution_of(t, old));
+        let new_contribution = if is_fact {
+            Some(self.contribution_of(t, new.as_ref().map(|(s, _)| s)))
+        } else {
+            None
+        };
+        let fk_moves = if is_fact {
+            self.foreign_keys(t, old.map(|s| &s.row), new.as_ref().map(|(s, _)| &s.row))
+        } else {
+            Vec::new()
+        };
 
         // Facts that look this row up, with what they contribute before the change.
         let mut affected: Vec<(TableId, Key, Contribution)> = Vec::new();
         if !self.dependents[t].is_empty() {
-            let old_visible = self.tables[t].rows.get(&key).filter(|s| s.failed.is_none());
-            let new_visible = new.as_ref().filter(|(_, v)| v.failed.is_none()).map(|(r, _)| r);
+            let old_visible = old.filter(|s| s.failed.is_none());
+            let new_visible = new.as_ref().filter(|(s, _)| s.failed.is_none()).map(|(s, _)| &s.row);
             for &(f, l) in &self.dependents[t] {
                 let Some(plan) = &self.facts[f] else { continue };
                 let same = match (old_visible, new_visible) {
@@ -344,12 +381,12 @@ impl Processor {
         }
 
         // Silver and the quarantine payload are built before the row moves into state.
-        let new_failed = new.as_ref().and_then(|(_, v)| v.failed.clone());
+        let new_failed = new.as_ref().and_then(|(s, _)| s.failed.clone());
         if self.emit && spec.tables[t].silver {
             let silver = match &new {
-                Some((row, verdict)) if verdict.failed.is_none() => Some(SilverRow {
-                    values: row.clone(),
-                    flags: (!verdict.flags.is_empty()).then(|| verdict.flags.join(",")),
+                Some((stored, flags)) if stored.failed.is_none() => Some(SilverRow {
+                    values: stored.row.clone(),
+                    flags: (!flags.is_empty()).then(|| flags.join(",")),
                     extra: c.extra.take(),
                     position: c.source.position.as_ref().map(ToString::to_string),
                     source_ts_ms: c.source.ts_ms,
@@ -358,29 +395,30 @@ impl Processor {
             };
             self.pending.silver.insert((t, key.clone()), silver);
         }
-        let payload_row =
-            if self.emit && c.raw.is_none() { new.as_ref().map(|(r, _)| r.clone()) } else { None };
+        let payload_row = if self.emit && c.raw.is_none() {
+            new.as_ref().map(|(s, _)| s.row.clone())
+        } else {
+            None
+        };
 
-        if self.tables[t].kept {
-            let old_row = match new {
-                Some((row, verdict)) => self.tables[t]
-                    .rows
-                    .insert(key.clone(), Stored { row, failed: verdict.failed })
-                    .map(|s| s.row),
-                None => self.tables[t].rows.remove(&key).map(|s| s.row),
-            };
-            if is_fact {
-                self.reindex(t, &key, old_row.as_ref());
+        if kept {
+            match new {
+                Some((stored, _)) => {
+                    self.tables[t].rows.insert(key.clone(), stored);
+                }
+                None => {
+                    self.tables[t].rows.remove(&key);
+                }
+            }
+            if !fk_moves.is_empty() {
+                self.move_foreign_keys(t, &key, fk_moves);
             }
         }
 
         let event = (&c, payload_row);
-        match old_contribution {
-            Some(old) => {
-                let new_c = self.contribution(t, &key);
-                self.transition(t, &key, old, new_c, Some(event));
-            }
-            None => {
+        match (old_contribution, new_contribution) {
+            (Some(old), Some(new_c)) => self.transition(t, &key, old, new_c, Some(event)),
+            _ => {
                 let new_q = new_failed.map(|r| (Stage::Validate, r));
                 let old_q = self.open_quarantine.get(&(t, key.clone())).cloned();
                 self.quarantine_transition(t, &key, old_q, new_q, Some(event));
@@ -392,17 +430,34 @@ impl Processor {
         }
     }
 
-    /// Moves fact `key` in the lookup indexes from its old foreign keys to its current ones.
-    fn reindex(&mut self, t: TableId, key: &Key, old_row: Option<&Row>) {
+    /// Per lookup whose foreign key changes: (lookup, old key, new key).
+    fn foreign_keys(
+        &self,
+        t: TableId,
+        old_row: Option<&Row>,
+        new_row: Option<&Row>,
+    ) -> Vec<(usize, Option<Key>, Option<Key>)> {
         let lookups = &self.spec.tables[t].lookups;
-        let new_row = self.tables[t].rows.get(key).map(|s| &s.row);
-        let Some(plan) = self.facts[t].as_mut() else { return };
+        let mut moves = Vec::new();
         for (l, lookup) in lookups.iter().enumerate() {
-            let fk = |row: Option<&Row>| row.and_then(|r| foreign_key(r, &lookup.on));
-            let (old_fk, new_fk) = (fk(old_row), fk(new_row));
-            if old_fk == new_fk && old_row.is_some() {
-                continue;
+            let old_fk = old_row.and_then(|r| foreign_key(r, &lookup.on));
+            let new_fk = new_row.and_then(|r| foreign_key(r, &lookup.on));
+            if old_fk != new_fk || old_row.is_none() {
+                moves.push((l, old_fk, new_fk));
             }
+        }
+        moves
+    }
+
+    /// Moves fact `key` in the lookup indexes from its old foreign keys to its new ones.
+    fn move_foreign_keys(
+        &mut self,
+        t: TableId,
+        key: &Key,
+        moves: Vec<(usize, Option<Key>, Option<Key>)>,
+    ) {
+        let Some(plan) = self.facts[t].as_mut() else { return };
+        for (l, old_fk, new_fk) in moves {
             if let Some(ok) = old_fk {
                 if let Some(list) = plan.index[l].get_mut(&ok) {
                     if let Some(i) = list.iter().position(|k| k == key) {
@@ -421,7 +476,12 @@ impl Processor {
 
     /// What fact row `key` of table `t` contributes given the current state.
     fn contribution(&self, t: TableId, key: &Key) -> Contribution {
-        let Some(stored) = self.tables[t].rows.get(key) else { return Contribution::default() };
+        self.contribution_of(t, self.tables[t].rows.get(key))
+    }
+
+    /// What a fact row of table `t` (None: absent) contributes given the current dimensions.
+    fn contribution_of(&self, t: TableId, stored: Option<&Stored>) -> Contribution {
+        let Some(stored) = stored else { return Contribution::default() };
         if let Some(r) = &stored.failed {
             return Contribution {
                 quarantine: Some((Stage::Validate, r.clone())),
@@ -464,11 +524,11 @@ impl Processor {
                 }
             };
             let window = micros.div_euclid(gs.window_micros) * gs.window_micros;
-            let group: Vec<Value> =
-                gs.group_by.iter().map(|(_, e)| eval(e, &scope).into_owned()).collect();
-            let group = match self.gold[g].group_ids.get(group.as_slice()) {
-                Some(id) => GroupRef::Known(*id),
-                None => GroupRef::New(group.into_boxed_slice()),
+            let group: Vec<std::borrow::Cow<'_, Value>> =
+                gs.group_by.iter().map(|(_, e)| eval(e, &scope)).collect();
+            let group = match self.gold[g].find_group(&group) {
+                Some(id) => GroupRef::Known(id),
+                None => GroupRef::New(group.into_iter().map(|v| v.into_owned()).collect()),
             };
             let inputs = gs
                 .measures
@@ -496,8 +556,7 @@ impl Processor {
                 self.apply(part, 1);
             }
         }
-        let current = self.open_quarantine.get(&(t, key.clone())).cloned();
-        self.quarantine_transition(t, key, current, new.quarantine, event);
+        self.quarantine_transition(t, key, old.quarantine, new.quarantine, event);
     }
 
     fn apply(&mut self, part: &GoldPart, diff: i64) {
@@ -505,15 +564,20 @@ impl Processor {
         let gs = &mut self.gold[part.gold];
         let id = match &part.group {
             GroupRef::Known(id) => *id,
-            GroupRef::New(values) => match gs.group_ids.get(values) {
-                Some(id) => *id,
-                None => {
-                    let id = gs.groups.len() as u32;
-                    gs.groups.push(values.clone());
-                    gs.group_ids.insert(values.clone(), id);
-                    id
+            GroupRef::New(values) => {
+                let borrowed: Vec<std::borrow::Cow<'_, Value>> =
+                    values.iter().map(std::borrow::Cow::Borrowed).collect();
+                match gs.find_group(&borrowed) {
+                    Some(id) => id,
+                    None => {
+                        let id = gs.groups.len() as u32;
+                        let hash = gs.group_hash(&borrowed);
+                        gs.groups.push(values.clone());
+                        gs.group_ids.entry(hash).or_default().push(id);
+                        id
+                    }
                 }
-            },
+            }
         };
         let slot = (part.window, id);
         let state = gs.windows.entry(slot).or_insert_with(|| GroupState {
@@ -724,7 +788,9 @@ impl Processor {
         for t in facts {
             let keys: Vec<Key> = self.tables[t].rows.keys().cloned().collect();
             for key in keys {
-                self.reindex(t, &key, None);
+                let row = self.tables[t].rows.get(&key).map(|s| &s.row);
+                let moves = self.foreign_keys(t, None, row);
+                self.move_foreign_keys(t, &key, moves);
                 let c = self.contribution(t, &key);
                 for part in &c.gold {
                     self.apply(part, 1);
