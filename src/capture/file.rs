@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CaptureError, Source};
 use crate::bus;
 use crate::event::debezium::Decoder;
-use crate::event::{Batch, BytePool, Catalog, Checkpoint, PooledBytes, RawPayload};
+use crate::event::{Batch, BytePool, Catalog, Checkpoint, PooledBytes, RawSpan};
 
 /// Bytes per chunk: about two thousand workload lines, large enough to amortize
 /// the hand-offs between threads, small enough to keep the queues' memory low.
@@ -256,12 +256,11 @@ fn decode_chunk(decoder: &mut Decoder, chunk: &Chunk) -> Batch {
         let line = &data[at..end];
         let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
         if !trimmed.iter().all(u8::is_ascii_whitespace) {
-            let raw =
-                RawPayload { chunk: data.clone(), start: at as u32, len: trimmed.len() as u32 };
+            let raw = RawSpan { start: at as u32, len: trimmed.len() as u32 };
             events.push(decoder.decode(trimmed, line_no, Some(raw)));
         }
         at = end + 1;
     }
     let end = FileCheckpoint { offset: chunk.start.offset + data.len() as u64, line: line_no };
-    Batch { events, checkpoint: end.token() }
+    Batch { events, checkpoint: end.token(), bytes: Some(chunk.data.clone()) }
 }

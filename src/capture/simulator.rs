@@ -1099,7 +1099,7 @@ async fn deliver(
     let (events, done) = fill(gen, n);
     if !events.is_empty() {
         let checkpoint = ResumeToken { emitted: gen.emitted(), start_ms }.checkpoint();
-        if !send(out, shutdown, Batch { events, checkpoint }).await? {
+        if !send(out, shutdown, Batch { events, checkpoint, bytes: None }).await? {
             return Ok(false);
         }
     }

@@ -27,8 +27,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::{
-    time, BadEvent, Catalog, Change, ColumnType, Event, Key, Op, Position, RawPayload, Row,
-    Snapshot, Source, SourceMeta, TableSchema, Value,
+    time, BadEvent, Catalog, Change, ColumnType, Event, Key, Op, Position, RawSpan, Row, Snapshot,
+    Source, SourceMeta, TableSchema, Value,
 };
 
 /// Reason codes of lines that cannot be decoded.
@@ -73,7 +73,7 @@ impl Decoder {
     }
 
     /// Decodes one line. `origin` is its sequence number in the source (1-based line).
-    pub fn decode(&mut self, line: &[u8], origin: u64, raw: Option<RawPayload>) -> Event {
+    pub fn decode(&mut self, line: &[u8], origin: u64, raw: Option<RawSpan>) -> Event {
         match self.decode_inner(line, origin, raw) {
             Ok(change) => Event::Change(change),
             Err(bad) => Event::Bad(BadEvent {
@@ -90,7 +90,7 @@ impl Decoder {
         &mut self,
         line: &[u8],
         origin: u64,
-        raw: Option<RawPayload>,
+        raw: Option<RawSpan>,
     ) -> Result<Change, Failure> {
         let mut de = serde_json::Deserializer::from_slice(line);
         let parsed = LineSeed { catalog: &self.catalog, lazy_before: self.lazy_before }

@@ -257,20 +257,21 @@ impl BytePool {
     }
 }
 
-/// A slice of the bytes a source read, kept so quarantine can store the payload
-/// exactly as it arrived.
-#[derive(Debug, Clone)]
-pub struct RawPayload {
-    pub chunk: Arc<PooledBytes>,
+/// Where a change's original bytes sit in its batch's [`Batch::bytes`], kept so
+/// quarantine can store the payload exactly as it arrived. A span, not a pointer:
+/// one shared buffer per batch instead of a reference count touched per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawSpan {
     pub start: u32,
     pub len: u32,
 }
 
-impl RawPayload {
-    pub fn as_str(&self) -> String {
+impl RawSpan {
+    /// The payload text within `bytes`.
+    pub fn text(self, bytes: &[u8]) -> String {
         let start = self.start as usize;
-        let bytes = self.chunk.get(start..start + self.len as usize).unwrap_or_default();
-        String::from_utf8_lossy(bytes).into_owned()
+        let slice = bytes.get(start..start + self.len as usize).unwrap_or_default();
+        String::from_utf8_lossy(slice).into_owned()
     }
 }
 
@@ -289,8 +290,8 @@ pub struct Change {
     pub ts_ms: i64,
     /// The event's sequence number within its source (line number for files).
     pub origin: u64,
-    /// The original bytes, when the source read bytes.
-    pub raw: Option<RawPayload>,
+    /// The original bytes, when the source read bytes (a span of [`Batch::bytes`]).
+    pub raw: Option<RawSpan>,
 }
 
 impl Change {
@@ -327,6 +328,8 @@ pub struct Checkpoint(pub String);
 pub struct Batch {
     pub events: Vec<Event>,
     pub checkpoint: Checkpoint,
+    /// The bytes the changes' [`RawSpan`]s point into, for sources that read bytes.
+    pub bytes: Option<Arc<PooledBytes>>,
 }
 
 #[cfg(test)]

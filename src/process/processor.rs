@@ -156,6 +156,8 @@ pub struct Processor {
     emit: bool,
     stats: Stats,
     missing_time: Arc<str>,
+    /// The bytes of the batch being processed, for quarantine payloads.
+    bytes: Option<Arc<crate::event::PooledBytes>>,
 }
 
 impl Processor {
@@ -233,6 +235,7 @@ impl Processor {
             pending: Pending::default(),
             emit,
             missing_time: Arc::from(reason::MISSING_EVENT_TIME),
+            bytes: None,
         }
     }
 
@@ -281,6 +284,7 @@ impl Processor {
     /// Processes one batch in order.
     pub fn process(&mut self, batch: Batch) {
         let n = batch.events.len() as u64;
+        self.bytes = batch.bytes;
         for event in batch.events {
             match event {
                 Event::Change(c) => self.on_change(c),
@@ -290,6 +294,7 @@ impl Processor {
         self.pending.events += n;
         self.stats.events += n;
         self.pending.checkpoint = batch.checkpoint;
+        self.bytes = None;
     }
 
     fn on_bad(&mut self, bad: BadEvent) {
@@ -666,8 +671,8 @@ impl Processor {
 
     /// The original bytes of a change, or its Debezium line when it came without bytes.
     fn payload(&self, c: &Change, row: Option<&Row>) -> String {
-        if let Some(raw) = &c.raw {
-            return raw.as_str();
+        if let (Some(raw), Some(bytes)) = (c.raw, &self.bytes) {
+            return raw.text(bytes);
         }
         let mut copy = c.clone();
         if let Some(r) = row {
