@@ -161,6 +161,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 spec.gold.len(),
                 match spec.source {
                     SourceSpec::File { .. } => "file",
+                    SourceSpec::Mysql(_) => "mysql",
                     SourceSpec::Simulate(_) => "simulate",
                 }
             );
@@ -171,8 +172,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(input) = input {
                 match &mut spec.source {
                     SourceSpec::File { path, .. } => *path = input,
-                    SourceSpec::Simulate(_) => anyhow::bail!(
-                        "--input overrides a file source, but `{}` has a simulate source",
+                    SourceSpec::Simulate(_) | SourceSpec::Mysql(_) => anyhow::bail!(
+                        "--input overrides a file source, but `{}` has another source type",
                         pipeline.display()
                     ),
                 }

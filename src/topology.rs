@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bus;
+use crate::capture::mysql::{MysqlSource, MysqlSourceConfig};
 use crate::capture::{file::FileSource, simulator::SimulatorSource, CaptureError, Source};
 use crate::config::spec::{PipelineSpec, SourceSpec, StoreSpec};
 use crate::event::output::Commit;
@@ -96,6 +97,15 @@ pub fn build_source(spec: &PipelineSpec, threads: usize) -> Box<dyn Source> {
         SourceSpec::Simulate(sim) => {
             Box::new(SimulatorSource::new(sim.clone(), spec.catalog.clone()))
         }
+        SourceSpec::Mysql(m) => Box::new(MysqlSource::new(
+            MysqlSourceConfig {
+                url: m.url.clone(),
+                server_id: m.server_id,
+                include: m.include.clone(),
+                server_name: m.server_name.clone(),
+            },
+            spec.catalog.clone(),
+        )),
     }
 }
 

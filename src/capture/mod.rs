@@ -8,6 +8,7 @@
 //! (at-least-once); processing deduplicates them by source position.
 
 pub mod file;
+pub mod mysql;
 pub mod simulator;
 
 use async_trait::async_trait;

@@ -1620,7 +1620,10 @@ mod tests {
         let mut emitted = 0;
         for b in &batches {
             emitted += b.events.len() as u64;
-            assert_eq!(token(&b.checkpoint), ResumeToken { emitted, start_ms: START, gap_us: None });
+            assert_eq!(
+                token(&b.checkpoint),
+                ResumeToken { emitted, start_ms: START, gap_us: None }
+            );
             for e in &b.events {
                 let Event::Change(c) = e else { panic!("bad event") };
                 got.push(encode_line(&catalog, c));

@@ -44,6 +44,18 @@ pub enum RawSource {
         #[serde(default)]
         follow: bool,
     },
+    /// A MySQL or MariaDB database, read as a replica: snapshot, then the binlog.
+    Mysql {
+        /// `mysql://USER:PASSWORD@HOST:PORT/DATABASE`; the database is the one captured.
+        url: String,
+        /// The replica server id caudal registers with; unique among the server's replicas.
+        server_id: Option<i64>,
+        /// Tables to capture (default: every table declared under [tables]).
+        #[serde(default)]
+        include: Vec<String>,
+        /// The logical server name (Debezium's `source.name`, the topic prefix).
+        server_name: Option<String>,
+    },
     /// The built-in ERP simulator.
     Simulate {
         seed: Option<i64>,

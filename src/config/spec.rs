@@ -44,8 +44,32 @@ pub struct PipelineSpec {
 #[derive(Debug, Clone)]
 pub enum SourceSpec {
     File { path: PathBuf, follow: bool },
+    Mysql(MysqlSpec),
     Simulate(SimulateSpec),
 }
+
+/// Settings of the `mysql` source.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MysqlSpec {
+    pub url: String,
+    pub server_id: u32,
+    pub include: Vec<String>,
+    pub server_name: String,
+}
+
+/// The URL may hold a password: never print it.
+impl std::fmt::Debug for MysqlSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlSpec")
+            .field("server_id", &self.server_id)
+            .field("include", &self.include)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Debezium's documented example replica id; any id unique among the server's replicas works.
+pub const DEFAULT_SERVER_ID: u32 = 184_054;
 
 /// Settings of the ERP simulator.
 #[derive(Debug, Clone, PartialEq)]
@@ -270,6 +294,17 @@ impl PipelineSpec {
         let queue_batches =
             positive(&mut p, "pipeline.queue_batches", s.queue_batches, DEFAULT_QUEUE_BATCHES);
         let source = source_spec(&mut p, &raw.source);
+        if let SourceSpec::Mysql(m) = &source {
+            for (i, t) in m.include.iter().enumerate() {
+                if !raw.tables.contains_key(t) {
+                    let hint = did_you_mean(t, raw.tables.keys().map(String::as_str)).map_or_else(
+                        || "declare it under [tables]".to_owned(),
+                        |x| format!("did you mean `{x}`?"),
+                    );
+                    p.hint(format!("source.include[{i}]"), Some(quote(t)), "unknown table", hint);
+                }
+            }
+        }
         let store = raw
             .store
             .as_ref()
@@ -373,6 +408,36 @@ pub fn parse_burst(s: &str) -> Option<Burst> {
 fn source_spec(p: &mut Problems, raw: &RawSource) -> SourceSpec {
     match raw {
         RawSource::File { path, follow } => SourceSpec::File { path: path.into(), follow: *follow },
+        RawSource::Mysql { url, server_id, include, server_name } => {
+            if !(url.starts_with("mysql://") || url.starts_with("mariadb://")) {
+                p.hint(
+                    "source.url",
+                    None,
+                    "not a MySQL URL",
+                    "mysql://USER:PASSWORD@HOST:PORT/DATABASE",
+                );
+            }
+            let server_id = match server_id {
+                None => DEFAULT_SERVER_ID,
+                Some(n) => match u32::try_from(*n) {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        p.add(
+                            "source.server_id",
+                            Some(n.to_string()),
+                            "must be a whole number from 1 to 4294967295",
+                        );
+                        DEFAULT_SERVER_ID
+                    }
+                },
+            };
+            SourceSpec::Mysql(MysqlSpec {
+                url: url.replacen("mariadb://", "mysql://", 1),
+                server_id,
+                include: include.clone(),
+                server_name: server_name.clone().unwrap_or_else(|| "caudal".into()),
+            })
+        }
         RawSource::Simulate {
             seed,
             rate,

@@ -571,14 +571,16 @@ mod tests {
             key: vec![0],
         };
         let m = Mapping::new(0, &schema, db);
-        let (row, extra) = m.row(&schema, &[Ok(Value::Int(1)), Ok(Value::Str("hi".into()))]).unwrap();
+        let (row, extra) =
+            m.row(&schema, &[Ok(Value::Int(1)), Ok(Value::Str("hi".into()))]).unwrap();
         assert!(matches!(&row[..], [Value::Int(1), Value::Null]));
         assert_eq!(extra.as_deref(), Some(r#"{"note":"hi"}"#));
     }
 
     #[test]
     fn included_tables_must_be_declared() {
-        let catalog = Catalog::new(vec![TableSchema { name: "a".into(), columns: vec![], key: vec![] }]);
+        let catalog =
+            Catalog::new(vec![TableSchema { name: "a".into(), columns: vec![], key: vec![] }]);
         assert_eq!(included(&catalog, &[]).unwrap(), vec![(0, "a".to_owned())]);
         let err = included(&catalog, &["b".into()]).unwrap_err().to_string();
         assert!(err.contains("`b`"), "{err}");

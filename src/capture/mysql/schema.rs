@@ -42,17 +42,24 @@ pub(crate) enum Via {
 pub(crate) enum DbKind {
     /// TINYINT..BIGINT with the width in bits (for reading unsigned values the
     /// binlog decoded as signed).
-    Integer { bits: u32, unsigned: bool },
+    Integer {
+        bits: u32,
+        unsigned: bool,
+    },
     Decimal,
     Float,
-    Bit { bits: u32 },
+    Bit {
+        bits: u32,
+    },
     Date,
     Datetime,
     Timestamp,
     Time,
     Year,
     /// CHAR / VARCHAR / TEXT (MariaDB's JSON is a LONGTEXT too).
-    Text { latin1: bool },
+    Text {
+        latin1: bool,
+    },
     /// BINARY / VARBINARY / BLOB and anything unrecognised (kept as bytes).
     Binary,
     Json,
@@ -134,7 +141,10 @@ fn binlog_read_error(context: &str, message: &str) -> CaptureError {
     {
         "the binlog needed to resume was purged: start with a new store to take a new \
          snapshot, and raise `binlog_expire_logs_seconds` / `expire_logs_days` so it does not recur"
-    } else if lower.contains("server_id") || lower.contains("server id") || lower.contains("same server") {
+    } else if lower.contains("server_id")
+        || lower.contains("server id")
+        || lower.contains("same server")
+    {
         "another replica uses this `source.server_id`: give caudal a unique one"
     } else {
         "the checkpoint's binlog position is not valid on this server: start with a new store"
@@ -145,7 +155,11 @@ fn binlog_read_error(context: &str, message: &str) -> CaptureError {
     }
 }
 
-fn cell<T: mysql_async::prelude::FromValue>(row: &mut Row, i: usize, what: &str) -> Result<T, CaptureError> {
+fn cell<T: mysql_async::prelude::FromValue>(
+    row: &mut Row,
+    i: usize,
+    what: &str,
+) -> Result<T, CaptureError> {
     match row.take_opt::<T, usize>(i) {
         Some(Ok(v)) => Ok(v),
         Some(Err(e)) => Err(CaptureError::Definite {
@@ -233,7 +247,8 @@ pub(crate) fn check_settings(log_bin: &str, format: &str, image: &str) -> Result
 /// the current user. Privileges granted through roles are not seen here; the
 /// binlog request itself still reports a missing grant by name.
 pub(crate) fn check_grants(privileges: &[String]) -> Result<(), CaptureError> {
-    let has = |names: &[&str]| privileges.iter().any(|p| names.iter().any(|n| p.eq_ignore_ascii_case(n)));
+    let has =
+        |names: &[&str]| privileges.iter().any(|p| names.iter().any(|n| p.eq_ignore_ascii_case(n)));
     if !has(&["REPLICATION SLAVE", "REPLICATION REPLICA"]) {
         return Err(CaptureError::Definite {
             message: "the capture user lacks the `REPLICATION SLAVE` grant".into(),
@@ -258,7 +273,11 @@ pub(crate) fn check_grants(privileges: &[String]) -> Result<(), CaptureError> {
 ///
 /// # Errors
 /// Transient when the server is unreachable; definite on refusals.
-pub(crate) async fn load_table(conn: &mut Conn, db: &str, table: &str) -> Result<Option<DbTable>, CaptureError> {
+pub(crate) async fn load_table(
+    conn: &mut Conn,
+    db: &str,
+    table: &str,
+) -> Result<Option<DbTable>, CaptureError> {
     let ctx = "reading the table schema";
     let rows: Vec<Row> = conn
         .exec(
@@ -315,9 +334,9 @@ pub(crate) fn db_kind(data_type: &str, column_type: &str, charset: Option<&str>)
         "json" => DbKind::Json,
         "enum" => DbKind::Enum(labels(column_type)),
         "set" => DbKind::Set(labels(column_type)),
-        "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" => DbKind::Text {
-            latin1: charset.is_some_and(|c| c.eq_ignore_ascii_case("latin1")),
-        },
+        "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" => {
+            DbKind::Text { latin1: charset.is_some_and(|c| c.eq_ignore_ascii_case("latin1")) }
+        }
         _ => DbKind::Binary,
     }
 }
@@ -414,7 +433,8 @@ pub(crate) fn native(v: MyValue, col: &DbColumn, via: Via) -> Result<Value, Stri
             if *unsigned {
                 // Without signedness metadata the binlog decodes an unsigned column as
                 // signed of its width: take the bits back as unsigned.
-                let mask: u128 = if *bits >= 64 { u128::from(u64::MAX) } else { (1u128 << bits) - 1 };
+                let mask: u128 =
+                    if *bits >= 64 { u128::from(u64::MAX) } else { (1u128 << bits) - 1 };
                 let u = (i as u128 & mask) as u64;
                 Ok(Value::UInt(u))
             } else {
@@ -479,7 +499,9 @@ pub(crate) fn native(v: MyValue, col: &DbColumn, via: Via) -> Result<Value, Stri
         },
         DbKind::Time => match v {
             MyValue::Time(neg, days, h, m, s, us) => {
-                let micros = ((i64::from(days) * 24 + i64::from(h)) * 3600 + i64::from(m) * 60 + i64::from(s))
+                let micros = ((i64::from(days) * 24 + i64::from(h)) * 3600
+                    + i64::from(m) * 60
+                    + i64::from(s))
                     * 1_000_000
                     + i64::from(us);
                 Ok(Value::Time(if neg { -micros } else { micros }))
@@ -497,15 +519,12 @@ pub(crate) fn native(v: MyValue, col: &DbColumn, via: Via) -> Result<Value, Stri
             _ => Err(unexpected(&v, col)),
         },
         DbKind::Json => match v {
-            MyValue::Bytes(b) => match via {
-                Via::Binlog => text(b, false).map(json_value),
-                // MySQL prints JSON with spaces; the binlog's binary JSON is printed
-                // compact. Normalize so both paths give the same text.
-                Via::Query => text(b, false).map(|t| match t {
-                    Value::Str(s) => Value::Json(normalize_json(&s).into()),
-                    other => other,
-                }),
-            },
+            // MySQL prints JSON with spaces, its binlog holds binary JSON that is
+            // printed compact: normalize text from either path so both agree.
+            MyValue::Bytes(b) => text(b, false).map(|t| match t {
+                Value::Str(s) => Value::Json(normalize_json(&s).into()),
+                other => other,
+            }),
             _ => Err(unexpected(&v, col)),
         },
         DbKind::Binary => match v {
@@ -542,17 +561,11 @@ pub(crate) fn native(v: MyValue, col: &DbColumn, via: Via) -> Result<Value, Stri
     }
 }
 
-fn json_value(v: Value) -> Value {
-    match v {
-        Value::Str(s) => Value::Json(s),
-        other => other,
-    }
-}
-
 /// Compacts MySQL's printed JSON (`{"a": 1}`) to serde_json's form (`{"a":1}`),
 /// which is how binlog JSON is printed; text that does not parse is kept.
 fn normalize_json(text: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(text).map_or_else(|_| text.to_owned(), |v| v.to_string())
+    serde_json::from_str::<serde_json::Value>(text)
+        .map_or_else(|_| text.to_owned(), |v| v.to_string())
 }
 
 /// `secs[.micros]` as the binlog decoder prints a TIMESTAMP.
@@ -601,11 +614,15 @@ pub(crate) fn native_binlog(
 /// # Errors
 /// A description when the value has no meaning in that type.
 pub(crate) fn coerce(v: Value, ty: ColumnType, column: &str) -> Result<Value, String> {
-    let mismatch = |v: &Value| format!("column `{column}` holds a {} that does not fit `{}`", v.kind(), ty.name());
+    let mismatch = |v: &Value| {
+        format!("column `{column}` holds a {} that does not fit `{}`", v.kind(), ty.name())
+    };
     Ok(match (ty, v) {
         (_, Value::Null) => Value::Null,
         (ColumnType::Bool, Value::Bool(b)) => Value::Bool(b),
-        (ColumnType::Bool, v @ (Value::Int(_) | Value::UInt(_))) => Value::Bool(v.to_decimal().is_some_and(|d| !d.is_zero())),
+        (ColumnType::Bool, v @ (Value::Int(_) | Value::UInt(_))) => {
+            Value::Bool(v.to_decimal().is_some_and(|d| !d.is_zero()))
+        }
         (ColumnType::Int, Value::Int(i)) => Value::Int(i),
         (ColumnType::Int, Value::UInt(u)) => match i64::try_from(u) {
             Ok(i) => Value::Int(i),
@@ -641,8 +658,12 @@ pub(crate) fn coerce(v: Value, ty: ColumnType, column: &str) -> Result<Value, St
             Ok(d) => Value::Decimal(d),
             Err(_) => return Err(mismatch(&Value::Float(f))),
         },
-        (ColumnType::Decimal | ColumnType::Int | ColumnType::UInt | ColumnType::Float, Value::Str(s)) => {
-            let parsed = Decimal::from_str(s.trim()).map_err(|_| mismatch(&Value::Str(s.clone())))?;
+        (
+            ColumnType::Decimal | ColumnType::Int | ColumnType::UInt | ColumnType::Float,
+            Value::Str(s),
+        ) => {
+            let parsed =
+                Decimal::from_str(s.trim()).map_err(|_| mismatch(&Value::Str(s.clone())))?;
             return coerce(Value::Decimal(parsed), ty, column);
         }
         (ColumnType::String, Value::Str(s) | Value::Json(s)) => Value::Str(s),
@@ -650,9 +671,14 @@ pub(crate) fn coerce(v: Value, ty: ColumnType, column: &str) -> Result<Value, St
             Ok(s) => Value::Str(s.into()),
             Err(e) => return Err(mismatch(&Value::Bytes(e.into_bytes().into()))),
         },
-        (ColumnType::String, v @ (Value::Int(_) | Value::UInt(_) | Value::Decimal(_) | Value::Float(_) | Value::Bool(_))) => {
-            Value::Str(v.to_string().into())
-        }
+        (
+            ColumnType::String,
+            v @ (Value::Int(_)
+            | Value::UInt(_)
+            | Value::Decimal(_)
+            | Value::Float(_)
+            | Value::Bool(_)),
+        ) => Value::Str(v.to_string().into()),
         (ColumnType::Bytes, Value::Bytes(b)) => Value::Bytes(b),
         (ColumnType::Bytes, Value::Str(s) | Value::Json(s)) => Value::Bytes(s.as_bytes().into()),
         (ColumnType::Json, Value::Json(s) | Value::Str(s)) => Value::Json(s),
@@ -660,14 +686,18 @@ pub(crate) fn coerce(v: Value, ty: ColumnType, column: &str) -> Result<Value, St
             Ok(s) => Value::Json(s.into()),
             Err(e) => return Err(mismatch(&Value::Bytes(e.into_bytes().into()))),
         },
-        (ColumnType::TimestampMillis | ColumnType::TimestampMicros | ColumnType::TimestampZoned, Value::Timestamp(t)) => {
-            Value::Timestamp(t)
-        }
-        (ColumnType::TimestampMillis | ColumnType::TimestampMicros | ColumnType::TimestampZoned, Value::Date(d)) => {
-            Value::Timestamp(i64::from(d) * time::MICROS_PER_DAY)
-        }
+        (
+            ColumnType::TimestampMillis | ColumnType::TimestampMicros | ColumnType::TimestampZoned,
+            Value::Timestamp(t),
+        ) => Value::Timestamp(t),
+        (
+            ColumnType::TimestampMillis | ColumnType::TimestampMicros | ColumnType::TimestampZoned,
+            Value::Date(d),
+        ) => Value::Timestamp(i64::from(d) * time::MICROS_PER_DAY),
         (ColumnType::Date, Value::Date(d)) => Value::Date(d),
-        (ColumnType::Date, Value::Timestamp(t)) => Value::Date(t.div_euclid(time::MICROS_PER_DAY) as i32),
+        (ColumnType::Date, Value::Timestamp(t)) => {
+            Value::Date(t.div_euclid(time::MICROS_PER_DAY) as i32)
+        }
         (ColumnType::Time, Value::Time(t)) => Value::Time(t),
         (_, v) => return Err(mismatch(&v)),
     })
@@ -686,7 +716,9 @@ pub(crate) fn extra_json(v: &Value, kind: &DbKind) -> serde_json::Value {
         Value::Decimal(d) => J::String(d.to_string()),
         Value::Str(s) | Value::Json(s) => J::String(s.to_string()),
         Value::Bytes(b) => J::String(base64::engine::general_purpose::STANDARD.encode(b)),
-        Value::Timestamp(t) if *kind == DbKind::Timestamp => J::String(time::format_timestamp(*t, 6)),
+        Value::Timestamp(t) if *kind == DbKind::Timestamp => {
+            J::String(time::format_timestamp(*t, 6))
+        }
         Value::Timestamp(t) | Value::Time(t) => J::from(*t),
         Value::Date(d) => J::from(*d),
     }
@@ -706,7 +738,10 @@ mod tests {
         assert_eq!(native(MyValue::Int(-1), &int, Via::Binlog), Ok(Value::UInt(4_294_967_295)));
         let big = col(DbKind::Integer { bits: 64, unsigned: true });
         assert!(matches!(native(MyValue::Int(-1), &big, Via::Binlog), Ok(Value::UInt(u64::MAX))));
-        assert!(matches!(native(MyValue::UInt(u64::MAX), &big, Via::Query), Ok(Value::UInt(u64::MAX))));
+        assert!(matches!(
+            native(MyValue::UInt(u64::MAX), &big, Via::Query),
+            Ok(Value::UInt(u64::MAX))
+        ));
         let signed = col(DbKind::Integer { bits: 8, unsigned: false });
         assert!(matches!(native(MyValue::Int(-128), &signed, Via::Binlog), Ok(Value::Int(-128))));
     }
@@ -717,15 +752,24 @@ mod tests {
         let v = native(MyValue::Date(2026, 1, 5, 8, 10, 0, 123_456), &dt, Via::Query).unwrap();
         assert_eq!(v.to_string(), "2026-01-05T08:10:00.123456Z");
         let ts = col(DbKind::Timestamp);
-        let by_query = native(MyValue::Date(2026, 1, 5, 8, 10, 0, 500_000), &ts, Via::Query).unwrap();
+        let by_query =
+            native(MyValue::Date(2026, 1, 5, 8, 10, 0, 500_000), &ts, Via::Query).unwrap();
         let by_binlog = native(MyValue::Bytes(b"1767600600.5".to_vec()), &ts, Via::Binlog).unwrap();
-        assert!(matches!((&by_query, &by_binlog), (Value::Timestamp(a), Value::Timestamp(b)) if a == b));
+        assert!(
+            matches!((&by_query, &by_binlog), (Value::Timestamp(a), Value::Timestamp(b)) if a == b)
+        );
         assert!(native(MyValue::Bytes(b"0".to_vec()), &ts, Via::Binlog).unwrap().is_null());
         assert!(native(MyValue::Date(0, 0, 0, 0, 0, 0, 0), &ts, Via::Query).unwrap().is_null());
         let date = col(DbKind::Date);
-        assert!(matches!(native(MyValue::Date(2026, 1, 5, 0, 0, 0, 0), &date, Via::Binlog), Ok(Value::Date(20_458))));
+        assert!(matches!(
+            native(MyValue::Date(2026, 1, 5, 0, 0, 0, 0), &date, Via::Binlog),
+            Ok(Value::Date(20_458))
+        ));
         let t = col(DbKind::Time);
-        assert!(matches!(native(MyValue::Time(true, 1, 2, 0, 0, 5), &t, Via::Binlog), Ok(Value::Time(-93_600_000_005))));
+        assert!(matches!(
+            native(MyValue::Time(true, 1, 2, 0, 0, 5), &t, Via::Binlog),
+            Ok(Value::Time(-93_600_000_005))
+        ));
     }
 
     #[test]
@@ -736,24 +780,40 @@ mod tests {
         assert_eq!(native(MyValue::Int(2), &e, Via::Binlog).unwrap().as_str(), Some("it's"));
         assert_eq!(native(MyValue::Int(0), &e, Via::Binlog).unwrap().as_str(), Some(""));
         let s = col(db_kind("set", "set('a','b','c')", None));
-        assert_eq!(native(MyValue::Bytes(vec![0b101]), &s, Via::Binlog).unwrap().as_str(), Some("a,c"));
-        assert_eq!(native(MyValue::Bytes(b"a,c".to_vec()), &s, Via::Query).unwrap().as_str(), Some("a,c"));
+        assert_eq!(
+            native(MyValue::Bytes(vec![0b101]), &s, Via::Binlog).unwrap().as_str(),
+            Some("a,c")
+        );
+        assert_eq!(
+            native(MyValue::Bytes(b"a,c".to_vec()), &s, Via::Query).unwrap().as_str(),
+            Some("a,c")
+        );
     }
 
     #[test]
     fn decimals_stay_exact_and_keep_their_scale() {
         let d = col(DbKind::Decimal);
-        let v = native(MyValue::Bytes(b"-1234567890123456.7890".to_vec()), &d, Via::Binlog).unwrap();
+        let v =
+            native(MyValue::Bytes(b"-1234567890123456.7890".to_vec()), &d, Via::Binlog).unwrap();
         assert_eq!(v.to_string(), "-1234567890123456.7890");
-        assert_eq!(coerce(v, ColumnType::Decimal, "c").unwrap().to_string(), "-1234567890123456.7890");
+        assert_eq!(
+            coerce(v, ColumnType::Decimal, "c").unwrap().to_string(),
+            "-1234567890123456.7890"
+        );
     }
 
     #[test]
     fn text_is_utf8_or_latin1_by_column_charset() {
         let latin = col(db_kind("varchar", "varchar(10)", Some("latin1")));
-        assert_eq!(native(MyValue::Bytes(vec![0xe9]), &latin, Via::Binlog).unwrap().as_str(), Some("é"));
+        assert_eq!(
+            native(MyValue::Bytes(vec![0xe9]), &latin, Via::Binlog).unwrap().as_str(),
+            Some("é")
+        );
         let utf8 = col(db_kind("varchar", "varchar(10)", Some("utf8mb4")));
-        assert_eq!(native(MyValue::Bytes("𝄞".as_bytes().to_vec()), &utf8, Via::Binlog).unwrap().as_str(), Some("𝄞"));
+        assert_eq!(
+            native(MyValue::Bytes("𝄞".as_bytes().to_vec()), &utf8, Via::Binlog).unwrap().as_str(),
+            Some("𝄞")
+        );
         assert!(native(MyValue::Bytes(vec![0xff]), &utf8, Via::Binlog).is_err());
     }
 
@@ -767,11 +827,17 @@ mod tests {
     #[test]
     fn coercion_to_declared_types_refuses_what_does_not_fit() {
         assert!(matches!(coerce(Value::UInt(5), ColumnType::Int, "c"), Ok(Value::Int(5))));
-        assert!(matches!(coerce(Value::UInt(u64::MAX), ColumnType::Int, "c"), Ok(Value::UInt(u64::MAX))));
+        assert!(matches!(
+            coerce(Value::UInt(u64::MAX), ColumnType::Int, "c"),
+            Ok(Value::UInt(u64::MAX))
+        ));
         assert!(coerce(Value::Int(-1), ColumnType::UInt, "c").is_err());
         assert!(coerce(Value::Str("abc".into()), ColumnType::Int, "c").is_err());
         assert!(matches!(coerce(Value::Int(1), ColumnType::Bool, "c"), Ok(Value::Bool(true))));
-        assert!(matches!(coerce(Value::Date(1), ColumnType::TimestampMillis, "c"), Ok(Value::Timestamp(86_400_000_000))));
+        assert!(matches!(
+            coerce(Value::Date(1), ColumnType::TimestampMillis, "c"),
+            Ok(Value::Timestamp(86_400_000_000))
+        ));
     }
 
     #[test]

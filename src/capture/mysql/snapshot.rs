@@ -96,7 +96,8 @@ pub(crate) fn chunk_sql(db: &str, table: &DbTable, after: bool, offset: u64) -> 
         // server turns into a range scan.
         let mut ors = Vec::with_capacity(keys.len());
         for j in 0..keys.len() {
-            let mut ands: Vec<String> = keys[..j].iter().map(|k| format!("{} = ?", quote(k))).collect();
+            let mut ands: Vec<String> =
+                keys[..j].iter().map(|k| format!("{} = ?", quote(k))).collect();
             ands.push(format!("{} > ?", quote(keys[j])));
             ors.push(format!("({})", ands.join(" AND ")));
         }
@@ -196,7 +197,10 @@ pub(crate) async fn run(
     let start = match &progress {
         Some(p) => tables.iter().position(|(_, t)| *t == p.table).ok_or_else(|| {
             CaptureError::Definite {
-                message: format!("the checkpoint's snapshot table `{}` is no longer included", p.table),
+                message: format!(
+                    "the checkpoint's snapshot table `{}` is no longer included",
+                    p.table
+                ),
                 hint: Some("start with a new store to take a new snapshot".into()),
             }
         })?,
@@ -227,7 +231,8 @@ pub(crate) async fn run(
             let sql = chunk_sql(&cap.db, &mapping.db, after.is_some(), offset);
             let params = after.as_deref().map_or_else(Vec::new, chunk_params);
             let params = if params.is_empty() { Params::Empty } else { Params::Positional(params) };
-            let mut rows: Vec<Row> = conn.exec(sql, params).await.map_err(|e| driver_error(CTX, e))?;
+            let mut rows: Vec<Row> =
+                conn.exec(sql, params).await.map_err(|e| driver_error(CTX, e))?;
             let more = rows.len() > BATCH_ROWS;
             rows.truncate(BATCH_ROWS);
             offset += rows.len() as u64;
@@ -289,7 +294,7 @@ pub(crate) async fn run(
                 snapshot: next,
                 origin: cap.origin,
             };
-            let batch = Batch { events, checkpoint: cp.token() };
+            let batch = Batch { events, checkpoint: cp.token(), bytes: None };
             if !send(out, shutdown, batch).await? {
                 return Ok(false);
             }
@@ -308,8 +313,16 @@ pub(crate) async fn run(
     let _ = conn.disconnect().await;
     if checkpoint.is_none() {
         // No included table: stream from the view's position.
-        let cp = MysqlCheckpoint { file: file.to_string(), pos, skip: None, snapshot: None, origin: cap.origin };
-        if !send(out, shutdown, Batch { events: Vec::new(), checkpoint: cp.token() }).await? {
+        let cp = MysqlCheckpoint {
+            file: file.to_string(),
+            pos,
+            skip: None,
+            snapshot: None,
+            origin: cap.origin,
+        };
+        if !send(out, shutdown, Batch { events: Vec::new(), checkpoint: cp.token(), bytes: None })
+            .await?
+        {
             return Ok(false);
         }
         *checkpoint = Some(cp);
@@ -319,7 +332,8 @@ pub(crate) async fn run(
 }
 
 fn mark_last(events: &mut [Event]) {
-    if let Some(Event::Change(c)) = events.iter_mut().rev().find(|e| matches!(e, Event::Change(_))) {
+    if let Some(Event::Change(c)) = events.iter_mut().rev().find(|e| matches!(e, Event::Change(_)))
+    {
         c.source.snapshot = Snapshot::Last;
     }
 }
@@ -347,7 +361,10 @@ mod tests {
         let first = chunk_sql("erp", &table(vec![0, 1]), false, 0);
         assert_eq!(first, "SELECT `a`, `b`, `c` FROM `erp`.`or``ders` ORDER BY `a`, `b` LIMIT 501");
         let next = chunk_sql("erp", &table(vec![0, 1]), true, 0);
-        assert!(next.contains("WHERE (`a` > ?) OR (`a` = ? AND `b` > ?) ORDER BY `a`, `b`"), "{next}");
+        assert!(
+            next.contains("WHERE (`a` > ?) OR (`a` = ? AND `b` > ?) ORDER BY `a`, `b`"),
+            "{next}"
+        );
         let params = chunk_params(&[MyValue::Int(1), MyValue::Int(2)]);
         assert_eq!(params, vec![MyValue::Int(1), MyValue::Int(1), MyValue::Int(2)]);
         let keyless = chunk_sql("erp", &table(vec![]), false, 1000);
@@ -366,7 +383,9 @@ mod tests {
         for k in keys {
             let back = key_from_json(&key_to_json(&k)).unwrap();
             match (&k, &back) {
-                (MyValue::Date(..), MyValue::Bytes(b)) => assert_eq!(b, b"2026-01-05 08:10:00.000005"),
+                (MyValue::Date(..), MyValue::Bytes(b)) => {
+                    assert_eq!(b, b"2026-01-05 08:10:00.000005")
+                }
                 _ => assert_eq!(k, back),
             }
         }
