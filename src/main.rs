@@ -99,10 +99,17 @@ enum Command {
         #[arg(long)]
         pipeline: Option<PathBuf>,
     },
-    /// Writes simulated ERP change events as Debezium JSON lines.
+    /// Writes simulated ERP change events as Debezium JSON lines, or applies them to a
+    /// real MySQL/MariaDB database (`--mysql URL`) as an ERP's activity.
     Simulate {
         #[arg(long)]
         events: u64,
+        /// Create the ERP tables in this database and drive them instead of writing JSON.
+        #[arg(long)]
+        mysql: Option<String>,
+        /// With --mysql: statements per second, e.g. 200/s (default: max).
+        #[arg(long, default_value = "max")]
+        rate: String,
         #[arg(long, default_value_t = 7)]
         seed: u64,
         /// Output file (default: standard output).
@@ -229,13 +236,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Simulate { events, seed, out, start } => {
+        Command::Simulate { events, seed, out, start, mysql, rate } => {
             let spec = config::parse(Path::new("config/examples/erp.toml"), ERP_PIPELINE)?;
             let start_ms = caudal::event::time::parse_timestamp(&start)
                 .with_context(|| format!("--start {start:?} is not an ISO-8601 timestamp"))?
                 / 1000;
-            let sim =
+            let mut sim =
                 config::spec::SimulateSpec { seed, events: Some(events), ..Default::default() };
+            if let Some(url) = mysql {
+                sim.rate = config::spec::parse_rate(&rate).with_context(|| {
+                    format!("--rate {rate:?} is not a rate (e.g. 200/s or max)")
+                })?;
+                let drive =
+                    caudal::capture::erp_db::drive(&url, &sim, spec.catalog.clone(), start_ms);
+                let n = runtime()?.block_on(drive)?;
+                eprintln!("applied {n} statements");
+                return Ok(());
+            }
             let n = match out {
                 Some(path) => {
                     let file = std::fs::File::create(&path)

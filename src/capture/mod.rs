@@ -7,6 +7,7 @@
 //! continues strictly after it. Re-delivered events are possible after a crash
 //! (at-least-once); processing deduplicates them by source position.
 
+pub mod erp_db;
 pub mod file;
 pub mod mysql;
 pub mod simulator;
