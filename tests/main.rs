@@ -4,6 +4,7 @@
 mod support;
 
 mod bad_input;
+mod capture_mysql;
 mod config_errors;
 mod crash;
 mod gold;

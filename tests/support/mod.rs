@@ -106,3 +106,4 @@ pub fn ok(cmd: &mut Command) -> Output {
 pub fn export(store: &Path, out: &Path) {
     ok(caudal().arg("export").arg("--store").arg(store).arg("--out").arg(out));
 }
+pub mod mariadb;

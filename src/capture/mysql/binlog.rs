@@ -176,7 +176,12 @@ pub(crate) async fn stream(
     loop {
         let next = tokio::select! {
             biased;
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => {
+                // Quit cleanly so the server ends its dump thread now, not at
+                // its next failed write.
+                let _ = stream.close().await;
+                return Ok(());
+            }
             next = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => Some(next),
             _ = tick.tick() => None,
         };
@@ -318,6 +323,7 @@ pub(crate) async fn stream(
             let batch =
                 Batch { events: std::mem::take(&mut pending), checkpoint: cp.token(), bytes: None };
             if !send(out, shutdown, batch).await? {
+                let _ = stream.close().await;
                 return Ok(());
             }
             sent = cp.clone();
@@ -396,7 +402,7 @@ fn mariadb_gtid(data: &[u8], server_id: u32) -> Option<Box<str>> {
 }
 
 fn is_ddl(query: &str) -> bool {
-    let first = query.trim_start().split_whitespace().next().unwrap_or("");
+    let first = query.split_whitespace().next().unwrap_or("");
     ["ALTER", "CREATE", "DROP", "RENAME", "TRUNCATE"].iter().any(|k| first.eq_ignore_ascii_case(k))
 }
 
