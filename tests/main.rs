@@ -7,5 +7,6 @@ mod bad_input;
 mod capture_mysql;
 mod config_errors;
 mod crash;
+mod end_to_end_mysql;
 mod gold;
 mod simulate;

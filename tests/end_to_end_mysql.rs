@@ -1,0 +1,206 @@
+//! End to end against a real MariaDB: the simulator drives the six ERP tables while
+//! `caudal run` captures them (snapshot, then binlog) into SQLite; once caught up,
+//! the gold windows equal the gold rules written as one SQL query on MariaDB itself,
+//! and the silver tables hold the source rows that pass the cleaning rules. A second
+//! test kills `caudal run` with SIGKILL during the snapshot and the stream.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+
+use crate::support::mariadb::MariaDb;
+use crate::support::*;
+
+/// The gold rules of `shared/workload/README.md` as one query, in the reference CSV format.
+const GOLD_SQL: &str = "\
+SELECT CONCAT_WS(',', DATE_FORMAT(FROM_UNIXTIME(FLOOR(UNIX_TIMESTAMP(o.order_ts) / 600) * 600), \
+'%Y-%m-%dT%H:%i:%sZ'), o.channel, p.category, COUNT(*), SUM(i.quantity), \
+SUM(ROUND(i.quantity * i.unit_price * (1 - COALESCE(i.discount, 0)), 2))) \
+FROM order_items i JOIN orders o ON o.id = i.order_id JOIN products p ON p.id = i.product_id \
+WHERE o.status <> 'cancelled' AND i.quantity BETWEEN 1 AND 100 AND i.unit_price >= 0 \
+GROUP BY FLOOR(UNIX_TIMESTAMP(o.order_ts) / 600), o.channel, p.category";
+
+const QUARANTINE_SQL: &str = "\
+SELECT CONCAT(reason, ',', COUNT(*)) FROM (SELECT CASE \
+WHEN i.quantity <= 0 THEN 'invalid_quantity' WHEN i.quantity > 100 THEN 'outlier_quantity' \
+WHEN i.unit_price < 0 THEN 'invalid_price' WHEN p.id IS NULL THEN 'unknown_product' END AS reason \
+FROM order_items i LEFT JOIN products p ON p.id = i.product_id) q \
+WHERE reason IS NOT NULL GROUP BY reason";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// What MariaDB says the two reference files must contain.
+fn expected(db: &MariaDb) -> (String, String) {
+    runtime().block_on(async {
+        let mut conn = db.conn("erp_db").await;
+        conn.query_drop("SET time_zone = '+00:00'").await.expect("time zone");
+        let mut gold: Vec<String> = conn.query(GOLD_SQL).await.expect("gold query");
+        // Sort as the export does: window, then group values (byte order).
+        gold.sort();
+        let mut q: Vec<String> = conn.query(QUARANTINE_SQL).await.expect("quarantine query");
+        q.sort();
+        let gold = format!("window_start,channel,category,lines,units,revenue\n{}", lines(&gold));
+        (gold, format!("reason,rows\n{}", lines(&q)))
+    })
+}
+
+fn lines(rows: &[String]) -> String {
+    rows.iter().map(|r| format!("{r}\n")).collect()
+}
+
+fn exported(store: &Path) -> Option<(String, String)> {
+    let out = tempfile::tempdir().expect("tempdir");
+    let status = caudal()
+        .arg("export")
+        .arg("--store")
+        .arg(store)
+        .arg("--out")
+        .arg(out.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    if !status.success() {
+        return None;
+    }
+    let read = |n: &str| std::fs::read_to_string(out.path().join(n)).ok();
+    Some((read("gold_sales_10m.csv")?, read("quarantine_summary.csv")?))
+}
+
+fn pipeline(dir: &Path, url: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(manifest_dir().join("config/examples/erp_mysql.toml"))
+        .expect("example pipeline")
+        .replace("mysql://caudal:secret@127.0.0.1:3306/erp_db", url)
+        .replace("trigger_interval = \"1s\"", "trigger_interval = \"100ms\"");
+    let path = dir.join("erp_mysql.toml");
+    std::fs::write(&path, text).expect("write pipeline");
+    path
+}
+
+fn spawn_run(pipeline: &Path, store: &Path) -> Child {
+    caudal()
+        .arg("run")
+        .arg(pipeline)
+        .arg("--store")
+        .arg(store)
+        .arg("-q")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn caudal run")
+}
+
+fn spawn_simulate(url: &str, events: u64, rate: &str) -> Child {
+    caudal()
+        .args([
+            "simulate",
+            "--events",
+            &events.to_string(),
+            "--seed",
+            "5",
+            "--rate",
+            rate,
+            "--mysql",
+            url,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn caudal simulate --mysql")
+}
+
+/// Waits until the store's export equals MariaDB's answer; panics with both after `limit`.
+fn wait_for_equal(db: &MariaDb, store: &Path, limit: Duration) {
+    let want = expected(db);
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < limit {
+        let got = exported(store);
+        if got.as_ref() == Some(&want) {
+            return;
+        }
+        last = got;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (g, q) = last.unwrap_or_default();
+    panic!(
+        "the store did not catch up with MariaDB in {limit:?}\nwant quarantine:\n{}\ngot quarantine:\n{q}\nwant gold rows: {}, got: {}",
+        want.1,
+        want.0.lines().count(),
+        g.lines().count()
+    );
+}
+
+fn stop(mut child: Child) {
+    let pid = child.id().to_string();
+    // SIGINT: the pipeline finishes its batch and commits before exiting.
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    let status = child.wait().expect("wait for caudal run");
+    assert!(status.success(), "caudal run exited with {status}");
+}
+
+fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+#[test]
+fn captured_gold_equals_the_gold_query_on_mariadb() {
+    let db = MariaDb::start();
+    runtime().block_on(db.create_db("erp_db"));
+    let url = db.url("erp_db");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("live.db");
+    let pipeline = pipeline(dir.path(), &url);
+
+    // The ERP is busy before caudal starts (snapshot) and while it runs (binlog).
+    let mut sim = spawn_simulate(&url, 30_000, "6000/s");
+    std::thread::sleep(Duration::from_millis(1500));
+    let run = spawn_run(&pipeline, &store);
+    let sim_status = sim.wait().expect("wait simulate");
+    assert!(sim_status.success(), "caudal simulate --mysql failed");
+    wait_for_equal(&db, &store, Duration::from_secs(90));
+    stop(run);
+
+    // Silver holds the source rows that pass the cleaning rules.
+    let sqlite = rusqlite::Connection::open(&store).expect("open store");
+    let (orders, items) = runtime().block_on(async {
+        let mut conn = db.conn("erp_db").await;
+        let orders: Option<i64> = conn.query_first("SELECT COUNT(*) FROM orders").await.expect("count");
+        let items: Option<i64> = conn
+            .query_first(
+                "SELECT COUNT(*) FROM order_items WHERE quantity BETWEEN 1 AND 100 AND unit_price >= 0",
+            )
+            .await
+            .expect("count");
+        (orders.unwrap_or(-1), items.unwrap_or(-1))
+    });
+    assert_eq!(count(&sqlite, "SELECT COUNT(*) FROM silver_orders"), orders);
+    assert_eq!(count(&sqlite, "SELECT COUNT(*) FROM silver_order_items"), items);
+}
+
+#[test]
+fn kill_nine_during_snapshot_and_stream_loses_and_doubles_nothing() {
+    let db = MariaDb::start();
+    runtime().block_on(db.create_db("erp_db"));
+    let url = db.url("erp_db");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("live.db");
+    let pipeline = pipeline(dir.path(), &url);
+
+    // A snapshot big enough to be interrupted, then changes while caudal is killed.
+    let mut seed = spawn_simulate(&url, 20_000, "max");
+    assert!(seed.wait().expect("wait").success());
+    let mut sim = spawn_simulate(&url, 40_000, "4000/s");
+    for wait_ms in [150, 700, 1200] {
+        let mut run = spawn_run(&pipeline, &store);
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        run.kill().expect("SIGKILL");
+        run.wait().expect("reap");
+    }
+    let run = spawn_run(&pipeline, &store);
+    assert!(sim.wait().expect("wait simulate").success());
+    wait_for_equal(&db, &store, Duration::from_secs(90));
+    stop(run);
+}
