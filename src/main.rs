@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use caudal::capture::simulator;
+use caudal::capture::{simulator, CaptureError};
 use caudal::config::{self, spec::SourceSpec, spec::StoreSpec, ConfigError, PipelineSpec};
 use caudal::store::{export, sqlite};
 use caudal::topology::{self, Progress, RunOptions};
@@ -128,7 +128,31 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            if err.chain().any(|e| e.downcast_ref::<ConfigError>().is_some()) {
+            // Exit code 2: the operator must fix something (the pipeline file, the
+            // server's settings, credentials or grants); retrying will not help.
+            let definite = err.chain().any(|e| {
+                e.downcast_ref::<ConfigError>().is_some()
+                    || matches!(
+                        e.downcast_ref::<CaptureError>(),
+                        Some(CaptureError::Definite { .. })
+                    )
+                    || matches!(
+                        e.downcast_ref::<topology::RunError>(),
+                        Some(topology::RunError::Capture(CaptureError::Definite { .. }))
+                    )
+            });
+            if let Some(hint) =
+                err.chain().find_map(|e| match e.downcast_ref::<topology::RunError>() {
+                    Some(topology::RunError::Capture(CaptureError::Definite {
+                        hint: Some(h),
+                        ..
+                    })) => Some(h.clone()),
+                    _ => None,
+                })
+            {
+                eprintln!("hint: {hint}");
+            }
+            if definite {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
