@@ -66,8 +66,9 @@ use crate::event::{
 /// Rows per batch (and per snapshot chunk): large enough to amortize the hand-off,
 /// small enough that a batch is never long in the making.
 pub const BATCH_ROWS: usize = 500;
-/// The longest a streamed change waits for its batch to fill.
-pub const BATCH_INTERVAL: Duration = Duration::from_millis(50);
+/// The longest a streamed change waits for its batch to fill: short, since it adds
+/// directly to commit-to-visible latency (at 50 ms, p99 was ~50 ms at 5k events/s).
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(5);
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
