@@ -204,3 +204,73 @@ fn kill_nine_during_snapshot_and_stream_loses_and_doubles_nothing() {
     wait_for_equal(&db, &store, Duration::from_secs(90));
     stop(run);
 }
+
+/// Waits until `sql` on the store returns `want`.
+fn wait_for_rows(store: &Path, sql: &str, want: &[String], limit: Duration) {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    while started.elapsed() < limit {
+        if let Ok(db) = rusqlite::Connection::open(store) {
+            if let Ok(mut stmt) = db.prepare(sql) {
+                got = stmt
+                    .query_map([], |r| r.get::<_, String>(0))
+                    .map(|rows| rows.filter_map(Result::ok).collect())
+                    .unwrap_or_default();
+                if got == want {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{sql}\nwant {want:?}\n got {got:?}");
+}
+
+#[test]
+fn columns_added_and_dropped_mid_stream_lose_nothing() {
+    let db = MariaDb::start();
+    runtime().block_on(async {
+        db.create_db("shop").await;
+        db.exec(
+            "shop",
+            &[
+                "CREATE TABLE t (id INT PRIMARY KEY, a VARCHAR(20))",
+                "INSERT INTO t VALUES (1, 'one')",
+            ],
+        )
+        .await;
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = dir.path().join("t.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\ntrigger_interval = \"50ms\"\n[source]\ntype = \"mysql\"\nurl = {:?}\nserver_id = 77\n\
+             [store]\ntype = \"sqlite\"\npath = \"unused.db\"\n\
+             [tables.t]\nkey = [\"id\"]\ncolumns = {{ id = \"int\", a = \"string\" }}\n",
+            db.url("shop")
+        ),
+    )
+    .expect("write pipeline");
+    let store = dir.path().join("t.db");
+    let run = spawn_run(&pipeline, &store);
+    let row = "SELECT id || '|' || COALESCE(a, 'NULL') || '|' || COALESCE(_extra, '') FROM silver_t ORDER BY id";
+    wait_for_rows(&store, row, &["1|one|".into()], Duration::from_secs(30));
+    runtime().block_on(db.exec(
+        "shop",
+        &[
+            "INSERT INTO t VALUES (2, 'two')",
+            "ALTER TABLE t ADD COLUMN b INT",
+            "INSERT INTO t VALUES (3, 'three', 33)",
+            "ALTER TABLE t DROP COLUMN a",
+            "INSERT INTO t VALUES (4, 44)",
+        ],
+    ));
+    // Rows before and after each change are right; the undeclared column is kept in `_extra`.
+    let want: Vec<String> = ["1|one|", "2|two|", "3|three|{\"b\":33}", "4|NULL|{\"b\":44}"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    wait_for_rows(&store, row, &want, Duration::from_secs(30));
+    stop(run);
+}
