@@ -274,3 +274,62 @@ fn columns_added_and_dropped_mid_stream_lose_nothing() {
     wait_for_rows(&store, row, &want, Duration::from_secs(30));
     stop(run);
 }
+
+#[test]
+fn every_type_reads_the_same_from_snapshot_and_binlog_into_silver() {
+    let db = MariaDb::start();
+    let values = "'18446744073709551615', '-12345678901234.5678', '2026-01-05 08:10:00.123456', \
+                  '2026-01-05 08:10:00.123', '1999-12-31', 'ñandú 🦜', '', NULL, X'00FF10', \
+                  '{\"k\": [1, 2]}', '-838:59:59', 2026, 'b', 1";
+    runtime().block_on(async {
+        db.create_db("types").await;
+        let insert_1 = format!("INSERT INTO t VALUES (1, {values})");
+        db.exec(
+            "types",
+            &[
+                "CREATE TABLE t (id INT PRIMARY KEY, u BIGINT UNSIGNED, d DECIMAL(20,4), \
+                 dt DATETIME(6), ts TIMESTAMP(3) NULL, da DATE, s VARCHAR(40) CHARACTER SET utf8mb4, \
+                 e VARCHAR(5), n VARCHAR(5), bl BLOB, j JSON, ti TIME, y YEAR, en ENUM('a','b'), \
+                 bo TINYINT(1))",
+                "SET time_zone = '+02:00'",
+                &insert_1,
+            ],
+        )
+        .await;
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = dir.path().join("types.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\ntrigger_interval = \"50ms\"\n[source]\ntype = \"mysql\"\nurl = {:?}\nserver_id = 78\n\
+             [tables.t]\nkey = [\"id\"]\ncolumns = {{ id = \"int\", u = \"uint\", d = \"decimal\", \
+             dt = \"timestamp_us\", ts = \"timestamptz\", da = \"date\", s = \"string\", e = \"string\", \
+             n = \"string\", bl = \"bytes\", j = \"json\", ti = \"time\", y = \"int\", en = \"string\", bo = \"int\" }}\n",
+            db.url("types")
+        ),
+    )
+    .expect("write pipeline");
+    let store = dir.path().join("types.db");
+    let run = spawn_run(&pipeline, &store);
+    let cols = "u, d, dt, ts, da, s, e, n, hex(bl), j, ti, y, en, bo";
+    let row = format!(
+        "SELECT id || '|' || concat_ws('|', {}) FROM silver_t ORDER BY id",
+        cols.split(", ").map(|c| format!("quote({c})")).collect::<Vec<_>>().join(", ")
+    );
+    let want_values =
+        "'18446744073709551615'|'-12345678901234.5678'|'2026-01-05T08:10:00.123456Z'|\
+                       '2026-01-05T06:10:00.123Z'|'1999-12-31'|'ñandú 🦜'|''|NULL|'00FF10'|\
+                       '{\"k\": [1, 2]}'|'-838:59:59'|2026|'b'|1";
+    wait_for_rows(&store, &row, &[format!("1|{want_values}")], Duration::from_secs(30));
+    // The same values through the binlog, written in a session with another time zone.
+    let insert_2 = format!("INSERT INTO t VALUES (2, {values})");
+    runtime().block_on(db.exec("types", &["SET time_zone = '+02:00'", &insert_2]));
+    wait_for_rows(
+        &store,
+        &row,
+        &[format!("1|{want_values}"), format!("2|{want_values}")],
+        Duration::from_secs(30),
+    );
+    stop(run);
+}
