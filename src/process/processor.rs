@@ -326,6 +326,30 @@ impl Processor {
         }
         let spec = self.spec.clone();
         let schema = spec.catalog.table(t);
+        // An update that changes the primary key moves the row: Debezium sends a
+        // delete and an insert; a source that sends one update gets the same here.
+        if c.op == Op::Update {
+            let old_key = c.before.as_deref().and_then(|b| Key::of(b, &schema.key));
+            let new_key = c.after.as_deref().and_then(|a| Key::of(a, &schema.key));
+            if let (Some(old_key), Some(new_key)) = (old_key, new_key) {
+                if old_key != new_key {
+                    let mut delete = c.clone();
+                    delete.op = Op::Delete;
+                    delete.after = None;
+                    self.apply_change(delete);
+                    c.op = Op::Insert;
+                    c.before = None;
+                }
+            }
+        }
+        self.apply_change(c);
+    }
+
+    /// Applies one admitted change.
+    fn apply_change(&mut self, mut c: Change) {
+        let t = c.table;
+        let spec = self.spec.clone();
+        let schema = spec.catalog.table(t);
         let (key, new): (Key, Option<(Row, Verdict)>) = match c.op {
             Op::Delete => {
                 let Some(key) = c.before.as_deref().and_then(|b| Key::of(b, &schema.key)) else {

@@ -189,3 +189,18 @@ fn unreadable_lines_are_quarantined_not_dropped() {
         other => panic!("expected one record, got {other:?}"),
     }
 }
+
+#[test]
+fn an_update_of_the_primary_key_moves_the_row() {
+    let spec = spec();
+    let mut p = Processor::new(spec.clone(), true);
+    feed(&mut p, &spec, &[product(1), order("paid", 2), item(7, 5, 2, 3, "c")]);
+    let moved = r#"{"value":{"before":{"id":7,"order_id":1,"product_id":5,"quantity":2,"unit_price":"10.00","discount":null},"after":{"id":8,"order_id":1,"product_id":5,"quantity":2,"unit_price":"10.00","discount":null},"source":{"table":"order_items","file":"b.000001","pos":4,"row":0},"op":"u"}}"#;
+    feed(&mut p, &spec, &[moved.to_string()]);
+    let rows = p.gold_rows(0);
+    assert_eq!(rows[0].2[0], Value::Int(1), "one line, not two");
+    let commit = p.flush();
+    let deleted = commit.silver.iter().any(|s| s.key == Key::Int(7) && s.row.is_none());
+    let inserted = commit.silver.iter().any(|s| s.key == Key::Int(8) && s.row.is_some());
+    assert!(deleted && inserted, "silver moves the row from key 7 to key 8");
+}
