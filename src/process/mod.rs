@@ -18,6 +18,7 @@
 pub mod clean;
 pub mod dedup;
 pub mod expr;
+pub mod keymap;
 pub mod processor;
 pub mod window;
 

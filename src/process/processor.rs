@@ -23,6 +23,7 @@ use std::sync::Arc;
 use super::clean::{clean, Verdict};
 use super::dedup::{Dedup, DedupState};
 use super::expr::{eval, is_integer, is_true, lookup_schemas, Scope};
+use super::keymap::KeyMap;
 use super::window::{Accumulator, GroupState};
 use crate::config::spec::{Missing, PipelineSpec};
 use crate::event::debezium::{self, Decoder};
@@ -42,14 +43,14 @@ struct Stored {
 struct TableState {
     /// Whether rows of this table are kept (fact or dimension of a lookup).
     kept: bool,
-    rows: HashMap<Key, Stored>,
+    rows: KeyMap<Stored>,
 }
 
 /// What a fact table needs beyond its rows.
 #[derive(Debug, Default)]
 struct FactPlan {
     /// Per lookup: dimension key -> fact keys that reference it.
-    index: Vec<HashMap<Key, Vec<Key>>>,
+    index: Vec<KeyMap<Vec<Key>>>,
     /// Per lookup: the dimension columns that expressions read.
     used: Vec<Vec<usize>>,
     /// Gold specs aggregating this table.
@@ -205,8 +206,11 @@ impl Processor {
                 tables[lookup.table].kept = true;
                 dependents[lookup.table].push((t, l));
             }
-            facts[t] =
-                Some(FactPlan { index: vec![HashMap::default(); ts.lookups.len()], used, golds });
+            facts[t] = Some(FactPlan {
+                index: (0..ts.lookups.len()).map(|_| KeyMap::default()).collect(),
+                used,
+                golds,
+            });
         }
         let gold = spec
             .gold
@@ -498,7 +502,7 @@ impl Processor {
                 }
             }
             if let Some(nk) = new_fk {
-                plan.index[l].entry(nk).or_default().push(key.clone());
+                plan.index[l].get_or_insert_with(nk, Vec::new).push(key.clone());
             }
         }
     }
@@ -815,7 +819,7 @@ impl Processor {
             (0..self.facts.len()).filter(|t| self.facts[*t].is_some()).collect();
         let emit = std::mem::replace(&mut self.emit, false);
         for t in facts {
-            let keys: Vec<Key> = self.tables[t].rows.keys().cloned().collect();
+            let keys: Vec<Key> = self.tables[t].rows.keys();
             for key in keys {
                 let row = self.tables[t].rows.get(&key).map(|s| &s.row);
                 let moves = self.foreign_keys(t, None, row);
