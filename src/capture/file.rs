@@ -128,9 +128,9 @@ impl FileSource {
             hint: None,
         })?;
 
-        let (work_tx, work_rx) = mpsc::sync_channel::<Chunk>(self.threads * 2);
+        let (work_tx, work_rx) = mpsc::sync_channel::<Chunk>(self.threads);
         let work_rx = Arc::new(Mutex::new(work_rx));
-        let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Batch)>(self.threads * 2);
+        let (done_tx, done_rx) = mpsc::sync_channel::<(u64, Batch)>(self.threads);
         let catalog = self.catalog.clone();
 
         std::thread::scope(|scope| {
