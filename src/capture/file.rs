@@ -246,6 +246,7 @@ impl FileSource {
 }
 
 fn decode_chunk(decoder: &mut Decoder, chunk: &Chunk) -> Batch {
+    decoder.start_batch();
     let data = &chunk.data;
     let mut events = Vec::with_capacity(data.len() / 400);
     let mut line_no = chunk.start.line;

@@ -72,6 +72,15 @@ impl Decoder {
         self
     }
 
+    /// Starts a new batch: later changes share fresh copies of the source metadata
+    /// and binlog file name. Why: a change holds reference counts on both; if every
+    /// batch shared the same ones, the decoding thread (incrementing) and the
+    /// processing thread (decrementing) would fight over one cache line per event.
+    pub fn start_batch(&mut self) {
+        self.meta = Arc::new((*self.meta).clone());
+        self.file = Arc::from(&*self.file);
+    }
+
     /// Decodes one line. `origin` is its sequence number in the source (1-based line).
     pub fn decode(&mut self, line: &[u8], origin: u64, raw: Option<RawSpan>) -> Event {
         match self.decode_inner(line, origin, raw) {
