@@ -61,7 +61,7 @@ enum Command {
         /// Overrides the SQLite store path.
         #[arg(long)]
         store: Option<PathBuf>,
-        /// Decoding threads (default: cores less one, for the processor).
+        /// Decoding threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
         /// No progress lines.
@@ -79,7 +79,7 @@ enum Command {
         /// Pipeline file (default: the shipped ERP pipeline).
         #[arg(long)]
         pipeline: Option<PathBuf>,
-        /// Decoding threads (default: cores less one, for the processor).
+        /// Decoding threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
         /// Also write everything to this SQLite store (default: compute only).

@@ -25,7 +25,7 @@ use super::dedup::{Dedup, DedupState};
 use super::expr::{eval, is_integer, is_true, lookup_schemas, Scope};
 use super::keymap::KeyMap;
 use super::window::{Accumulator, GroupState};
-use crate::config::spec::{Missing, PipelineSpec};
+use crate::config::spec::{ColRef, Missing, PipelineSpec};
 use crate::event::debezium::{self, Decoder};
 use crate::event::output::{
     Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverChange, SilverRow, Stage,
@@ -53,6 +53,11 @@ struct FactPlan {
     index: Vec<KeyMap<Vec<Key>>>,
     /// Per lookup: the dimension columns that expressions read.
     used: Vec<Vec<usize>>,
+    /// Per lookup: the dimension columns read only by filters that read nothing but
+    /// this lookup. When only such columns change and no filter flips, the facts of
+    /// that dimension row contribute exactly as before (an order going from `paid`
+    /// to `shipped`), and are not recomputed.
+    filter_only: Vec<Vec<usize>>,
     /// Gold specs aggregating this table.
     golds: Vec<usize>,
 }
@@ -202,6 +207,30 @@ impl Processor {
                     }
                 }
             }
+            let mut filter_only = vec![Vec::new(); ts.lookups.len()];
+            for (l, cols) in used.iter().enumerate() {
+                for &c in cols {
+                    let only_in_filters = golds.iter().all(|&g| {
+                        let gs = &spec.gold[g];
+                        let mut other = Vec::new();
+                        gs.time.columns(&mut other);
+                        gs.group_by.iter().for_each(|(_, e)| e.columns(&mut other));
+                        gs.measures
+                            .iter()
+                            .filter_map(|m| m.expr.as_ref())
+                            .for_each(|e| e.columns(&mut other));
+                        let mut filter = Vec::new();
+                        if let Some(f) = &gs.filter {
+                            f.columns(&mut filter);
+                        }
+                        let self_contained = filter.iter().all(|r| r.lookup == Some(l));
+                        !other.contains(&ColRef { lookup: Some(l), column: c }) && self_contained
+                    });
+                    if only_in_filters {
+                        filter_only[l].push(c);
+                    }
+                }
+            }
             for (l, lookup) in ts.lookups.iter().enumerate() {
                 tables[lookup.table].kept = true;
                 dependents[lookup.table].push((t, l));
@@ -209,6 +238,7 @@ impl Processor {
             facts[t] = Some(FactPlan {
                 index: (0..ts.lookups.len()).map(|_| KeyMap::default()).collect(),
                 used,
+                filter_only,
                 golds,
             });
         }
@@ -396,7 +426,16 @@ impl Processor {
                 let Some(plan) = &self.facts[f] else { continue };
                 let same = match (old_visible, new_visible) {
                     (None, None) => true,
-                    (Some(a), Some(b)) => plan.used[l].iter().all(|&c| a.row.get(c) == b.get(c)),
+                    (Some(a), Some(b)) => {
+                        let changed: Vec<usize> = plan.used[l]
+                            .iter()
+                            .copied()
+                            .filter(|&c| a.row.get(c) != b.get(c))
+                            .collect();
+                        changed.is_empty()
+                            || (changed.iter().all(|c| plan.filter_only[l].contains(c))
+                                && self.filters_agree(f, l, &a.row, b))
+                    }
                     _ => false,
                 };
                 if same {
@@ -461,6 +500,22 @@ impl Processor {
             let new_c = self.contribution(f, &fk);
             self.transition(f, &fk, old, new_c, None);
         }
+    }
+
+    /// Whether every gold filter on fact table `f` gives the same verdict for two
+    /// versions of the row of lookup `l` (filters that read only that lookup).
+    fn filters_agree(&self, f: TableId, l: usize, old: &[Value], new: &[Value]) -> bool {
+        let Some(plan) = &self.facts[f] else { return false };
+        let n = self.spec.tables[f].lookups.len();
+        plan.golds.iter().all(|&g| {
+            let Some(filter) = &self.spec.gold[g].filter else { return true };
+            let verdict = |dim: &[Value]| {
+                let mut lookups: Vec<Option<&[Value]>> = vec![None; n];
+                lookups[l] = Some(dim);
+                is_true(&eval(filter, &Scope { row: &[], lookups: &lookups }))
+            };
+            verdict(old) == verdict(new)
+        })
     }
 
     /// Per lookup whose foreign key changes: (lookup, old key, new key).
