@@ -44,6 +44,9 @@ struct TableState {
     /// Whether rows of this table are kept (fact or dimension of a lookup).
     kept: bool,
     rows: KeyMap<Stored>,
+    /// Columns the kept rows need (keys, join columns, columns expressions read);
+    /// the others are nulled in memory, which frees their strings. Silver keeps them.
+    needed: Vec<bool>,
 }
 
 /// What a fact table needs beyond its rows.
@@ -234,13 +237,47 @@ impl Processor {
             for (l, lookup) in ts.lookups.iter().enumerate() {
                 tables[lookup.table].kept = true;
                 dependents[lookup.table].push((t, l));
+                mark_needed(
+                    &mut tables[lookup.table],
+                    spec.catalog.table(lookup.table).columns.len(),
+                    lookup.on.iter().map(|(_, d)| *d).chain(used[l].iter().copied()),
+                );
+                mark_needed(
+                    &mut tables[t],
+                    spec.catalog.table(t).columns.len(),
+                    lookup.on.iter().map(|(f, _)| *f),
+                );
             }
+            let mut fact_cols = Vec::new();
+            for &g in &golds {
+                let gs = &spec.gold[g];
+                gs.time.columns(&mut fact_cols);
+                if let Some(f) = &gs.filter {
+                    f.columns(&mut fact_cols);
+                }
+                gs.group_by.iter().for_each(|(_, e)| e.columns(&mut fact_cols));
+                gs.measures
+                    .iter()
+                    .filter_map(|m| m.expr.as_ref())
+                    .for_each(|e| e.columns(&mut fact_cols));
+            }
+            mark_needed(
+                &mut tables[t],
+                spec.catalog.table(t).columns.len(),
+                fact_cols.iter().filter(|c| c.lookup.is_none()).map(|c| c.column),
+            );
             facts[t] = Some(FactPlan {
                 index: (0..ts.lookups.len()).map(|_| KeyMap::default()).collect(),
                 used,
                 filter_only,
                 golds,
             });
+        }
+        for (t, table) in tables.iter_mut().enumerate() {
+            if table.kept {
+                let schema = spec.catalog.table(t);
+                mark_needed(table, schema.columns.len(), schema.key.iter().copied());
+            }
         }
         let gold = spec
             .gold
@@ -475,7 +512,13 @@ impl Processor {
 
         if kept {
             match new {
-                Some((stored, _)) => {
+                Some((mut stored, _)) => {
+                    let needed = &self.tables[t].needed;
+                    for (v, keep) in stored.row.iter_mut().zip(needed) {
+                        if !keep {
+                            *v = Value::Null;
+                        }
+                    }
                     self.tables[t].rows.insert(key.clone(), stored);
                 }
                 None => {
@@ -896,6 +939,18 @@ impl Processor {
                 let slots: Vec<(i64, u32)> = gs.windows.keys().copied().collect();
                 gs.dirty.extend(slots);
             }
+        }
+    }
+}
+
+/// Marks columns as needed in memory (the key columns always are).
+fn mark_needed(table: &mut TableState, width: usize, columns: impl Iterator<Item = usize>) {
+    if table.needed.is_empty() {
+        table.needed = vec![false; width];
+    }
+    for c in columns {
+        if let Some(n) = table.needed.get_mut(c) {
+            *n = true;
         }
     }
 }
