@@ -286,11 +286,7 @@ impl Key {
     /// Builds the key of `row` from the key column indexes; `None` when a key column is null.
     pub fn of(row: &[Value], key_columns: &[usize]) -> Option<Key> {
         if let [only] = key_columns {
-            return match row.get(*only)? {
-                Value::Null => None,
-                Value::Int(i) => Some(Key::Int(*i)),
-                other => Some(Key::Values(Box::new([other.clone()]))),
-            };
+            return Key::single(row.get(*only)?);
         }
         let mut values = Vec::with_capacity(key_columns.len());
         for &c in key_columns {
@@ -302,18 +298,30 @@ impl Key {
         Some(Key::Values(values.into_boxed_slice()))
     }
 
+    /// The key of one value. Integral numbers of any type become `Key::Int`, so a
+    /// `uint` or `decimal` column joins an `int` key of the same value.
+    pub fn single(v: &Value) -> Option<Key> {
+        match v {
+            Value::Null => None,
+            Value::Int(i) => Some(Key::Int(*i)),
+            Value::UInt(u) => Some(
+                i64::try_from(*u).map_or_else(|_| Key::Values(Box::new([v.clone()])), Key::Int),
+            ),
+            Value::Decimal(d) if d.fract().is_zero() => Some(
+                i64::try_from(d.trunc())
+                    .map_or_else(|_| Key::Values(Box::new([v.clone()])), Key::Int),
+            ),
+            other => Some(Key::Values(Box::new([other.clone()]))),
+        }
+    }
+
     /// Builds a key from looked-up values (a foreign key), `None` if any is null.
     pub fn from_values(values: &[&Value]) -> Option<Key> {
-        if let [Value::Int(i)] = values {
-            return Some(Key::Int(*i));
+        if let [only] = values {
+            return Key::single(only);
         }
         if values.iter().any(|v| v.is_null()) {
             return None;
-        }
-        if let [Value::UInt(u)] = values {
-            if let Ok(i) = i64::try_from(*u) {
-                return Some(Key::Int(i));
-            }
         }
         Some(Key::Values(values.iter().map(|v| (*v).clone()).collect()))
     }

@@ -165,6 +165,9 @@ pub struct Processor {
     emit: bool,
     stats: Stats,
     missing_time: Arc<str>,
+    /// Per table: whether a fix or default rule rewrites a key column, so that keys
+    /// of raw images must be computed after cleaning.
+    rules_touch_key: Vec<bool>,
     /// The bytes of the batch being processed, for quarantine payloads.
     bytes: Option<Arc<crate::event::PooledBytes>>,
 }
@@ -293,6 +296,19 @@ impl Processor {
                 GoldState { integer, ..GoldState::default() }
             })
             .collect();
+        let rules_touch_key: Vec<bool> = spec
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(t, ts)| {
+                let key = &spec.catalog.table(t).key;
+                ts.rules.iter().any(|r| match r {
+                    crate::config::spec::Rule::Fix { column, .. }
+                    | crate::config::spec::Rule::Default { column, .. } => key.contains(column),
+                    crate::config::spec::Rule::Check { .. } => false,
+                })
+            })
+            .collect();
         Self {
             stats: Stats { table_events: vec![0; n], ..Stats::default() },
             spec,
@@ -306,6 +322,7 @@ impl Processor {
             pending: Pending::default(),
             emit,
             missing_time: Arc::from(reason::MISSING_EVENT_TIME),
+            rules_touch_key,
             bytes: None,
         }
     }
@@ -395,13 +412,11 @@ impl Processor {
             self.stats.duplicates += 1;
             return;
         }
-        let spec = self.spec.clone();
-        let schema = spec.catalog.table(t);
         // An update that changes the primary key moves the row: Debezium sends a
         // delete and an insert; a source that sends one update gets the same here.
         if c.op == Op::Update {
-            let old_key = c.before.as_deref().and_then(|b| Key::of(b, &schema.key));
-            let new_key = c.after.as_deref().and_then(|a| Key::of(a, &schema.key));
+            let old_key = c.before.as_deref().and_then(|b| self.row_key(t, b));
+            let new_key = c.after.as_deref().and_then(|a| self.row_key(t, a));
             if let (Some(old_key), Some(new_key)) = (old_key, new_key) {
                 if old_key != new_key {
                     let mut delete = c.clone();
@@ -423,7 +438,7 @@ impl Processor {
         let schema = spec.catalog.table(t);
         let (key, new): (Key, Option<(Row, Verdict)>) = match c.op {
             Op::Delete => {
-                let Some(key) = c.before.as_deref().and_then(|b| Key::of(b, &schema.key)) else {
+                let Some(key) = c.before.as_deref().and_then(|b| self.row_key(t, b)) else {
                     return;
                 };
                 (key, None)
@@ -484,6 +499,11 @@ impl Processor {
                     }
                 }
             }
+            // A fact that reaches this row through two lookups (or is this row) must
+            // be recomputed once, or its old contribution would be retracted twice.
+            affected.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            affected.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+            affected.retain(|(f, fk, _)| !(*f == t && *fk == key));
             for (f, fk, old) in &mut affected {
                 *old = self.contribution(*f, fk);
             }
@@ -491,7 +511,8 @@ impl Processor {
 
         // Silver and the quarantine payload are built before the row moves into state.
         let new_failed = new.as_ref().and_then(|(s, _)| s.failed.clone());
-        if self.emit && spec.tables[t].silver {
+        // Kept tables always write silver: recovery rebuilds their state from it.
+        if self.emit && (spec.tables[t].silver || self.tables[t].kept) {
             let silver = match &new {
                 Some((stored, flags)) if stored.failed.is_none() => Some(SilverRow {
                     values: stored.row.clone(),
@@ -559,6 +580,17 @@ impl Processor {
             };
             verdict(old) == verdict(new)
         })
+    }
+
+    /// The key a raw row image has once cleaned (the key its stored version has).
+    fn row_key(&self, t: TableId, row: &[Value]) -> Option<Key> {
+        let schema = self.spec.catalog.table(t);
+        if !self.rules_touch_key.get(t).copied().unwrap_or(false) {
+            return Key::of(row, &schema.key);
+        }
+        let mut cleaned = row.to_vec();
+        clean(&self.spec.tables[t].rules, &mut cleaned);
+        Key::of(&cleaned, &schema.key)
     }
 
     /// Per lookup whose foreign key changes: (lookup, old key, new key).
@@ -903,7 +935,8 @@ impl Processor {
                         }
                     }
                     if key.is_none() {
-                        key = rec.key.as_deref().and_then(parse_key);
+                        let schema = self.spec.catalog.table(t);
+                        key = rec.key.as_deref().and_then(|k| parse_key(schema, k));
                     }
                     if let Some(k) = key {
                         *self.quarantine_counts.entry(reason.clone()).or_insert(0) += 1;
@@ -967,11 +1000,15 @@ fn foreign_key(row: &[Value], on: &[(usize, usize)]) -> Option<Key> {
 }
 
 /// Parses a rendered single-column key back (composite keys are rebuilt from payloads).
-fn parse_key(s: &str) -> Option<Key> {
-    s.parse::<i64>()
-        .ok()
-        .map(Key::Int)
-        .or_else(|| Some(Key::Values(Box::new([Value::Str(s.into())]))))
+fn parse_key(schema: &crate::event::TableSchema, s: &str) -> Option<Key> {
+    let [only] = schema.key[..] else { return None };
+    match schema.columns.get(only)?.ty {
+        crate::event::ColumnType::Int => s.parse::<i64>().ok().map(Key::Int),
+        crate::event::ColumnType::UInt => {
+            s.parse::<u64>().ok().and_then(|u| Key::single(&Value::UInt(u)))
+        }
+        _ => Key::single(&Value::Str(s.into())),
+    }
 }
 
 #[cfg(test)]

@@ -204,3 +204,80 @@ fn an_update_of_the_primary_key_moves_the_row() {
     let inserted = commit.silver.iter().any(|s| s.key == Key::Int(8) && s.row.is_some());
     assert!(deleted && inserted, "silver moves the row from key 7 to key 8");
 }
+
+fn inline_spec(toml: &str) -> Arc<PipelineSpec> {
+    Arc::new(crate::config::parse(Path::new("t.toml"), toml).expect("valid pipeline"))
+}
+
+fn line(table: &str, op: &str, row: &str, pos: u64) -> String {
+    let (before, after) = if op == "d" { (row, "null") } else { ("null", row) };
+    format!(
+        r#"{{"value":{{"before":{before},"after":{after},"source":{{"table":"{table}","file":"b.1","pos":{pos},"row":0}},"op":"{op}"}}}}"#
+    )
+}
+
+const TWO_LOOKUPS: &str = r#"
+[source]
+type = "file"
+path = "x"
+[tables.dims]
+key = ["id"]
+columns = { id = "uint", cat = "string", t = "timestamp" }
+[tables.facts]
+key = ["id"]
+columns = { id = "int", a = "uint", b = "uint" }
+lookups = [
+  { name = "da", table = "dims", on = { a = "id" } },
+  { name = "db", table = "dims", on = { b = "id" } },
+]
+[[gold]]
+name = "g"
+table = "facts"
+time = "da.t"
+group_by = ["da.cat"]
+measures = ["count() as n", "max(db.cat) as m"]
+"#;
+
+#[test]
+fn regression_a_fact_reaching_a_row_twice_is_recomputed_once_and_uint_keys_join() {
+    let spec = inline_spec(TWO_LOOKUPS);
+    let mut p = Processor::new(spec.clone(), false);
+    feed(
+        &mut p,
+        &spec,
+        &[
+            line("dims", "c", r#"{"id":1,"cat":"x","t":0}"#, 1),
+            line("facts", "c", r#"{"id":1,"a":1,"b":1}"#, 2),
+            line("dims", "u", r#"{"id":1,"cat":"y","t":0}"#, 3),
+        ],
+    );
+    let rows = p.gold_rows(0);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].1, vec![Value::Str("y".into())]);
+    assert_eq!(rows[0].2[0], Value::Int(1));
+}
+
+#[test]
+fn regression_a_delete_finds_a_row_whose_key_was_fixed() {
+    let spec = inline_spec(
+        r#"
+[source]
+type = "file"
+path = "x"
+[tables.items]
+key = ["sku"]
+columns = { sku = "string", t = "timestamp" }
+rules = [{ column = "sku", fix = ["upper"] }]
+[[gold]]
+name = "g"
+table = "items"
+time = "t"
+measures = ["count() as n"]
+"#,
+    );
+    let mut p = Processor::new(spec.clone(), true);
+    feed(&mut p, &spec, &[line("items", "c", r#"{"sku":"ab","t":0}"#, 1)]);
+    assert_eq!(p.gold_rows(0).len(), 1);
+    feed(&mut p, &spec, &[line("items", "d", r#"{"sku":"ab","t":0}"#, 2)]);
+    assert!(p.gold_rows(0).is_empty(), "the delete found the row stored as `AB`");
+}
