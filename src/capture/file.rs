@@ -78,18 +78,9 @@ impl Source for FileSource {
         out: bus::Sender,
         shutdown: CancellationToken,
     ) -> Result<(), CaptureError> {
-        let start = match resume {
-            Some(Checkpoint(token)) if !token.is_empty() => {
-                serde_json::from_str::<FileCheckpoint>(&token).map_err(|e| {
-                    CaptureError::Definite {
-                        message: format!("checkpoint `{token}` is not a file position: {e}"),
-                        hint: Some(
-                            "was the store written by another source type? use a new store".into(),
-                        ),
-                    }
-                })?
-            }
-            _ => FileCheckpoint::default(),
+        let start = match &resume {
+            Some(cp) => super::parse_checkpoint(cp, "file position")?.unwrap_or_default(),
+            None => FileCheckpoint::default(),
         };
         let this = *self;
         tokio::task::spawn_blocking(move || this.read_all(start, out, shutdown)).await.map_err(

@@ -42,6 +42,34 @@ impl CaptureError {
     }
 }
 
+/// Reads a source's resume token: `None` for no token (an empty one is what a new
+/// store holds), a definite error naming `what` when the token is another source's.
+pub(crate) fn parse_checkpoint<T: serde::de::DeserializeOwned>(
+    cp: &Checkpoint,
+    what: &str,
+) -> Result<Option<T>, CaptureError> {
+    if cp.0.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(&cp.0).map(Some).map_err(|e| CaptureError::Definite {
+        message: format!("checkpoint `{}` is not a {what}: {e}", cp.0),
+        hint: Some("was the store written by another source type? use a new store".into()),
+    })
+}
+
+/// Sends a batch unless shutdown comes first; `Ok(false)` means stop.
+pub(crate) async fn send(
+    out: &bus::Sender,
+    shutdown: &CancellationToken,
+    batch: crate::event::Batch,
+) -> Result<bool, CaptureError> {
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => Ok(false),
+        sent = out.send(batch) => sent.map(|()| true).map_err(|_| CaptureError::Closed),
+    }
+}
+
 /// A producer of change events.
 #[async_trait]
 pub trait Source: Send {

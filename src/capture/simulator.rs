@@ -1008,17 +1008,7 @@ struct ResumeToken {
 
 impl ResumeToken {
     fn parse(cp: &Checkpoint) -> Result<Option<Self>, CaptureError> {
-        // An empty token is "no checkpoint yet", as `Checkpoint::default()` is.
-        if cp.0.trim().is_empty() {
-            return Ok(None);
-        }
-        serde_json::from_str(&cp.0).map(Some).map_err(|e| CaptureError::Definite {
-            message: format!("the simulator cannot resume from checkpoint {:?}: {e}", cp.0),
-            hint: Some(
-                "the checkpoint was written by another source; reset the pipeline's state"
-                    .to_owned(),
-            ),
-        })
+        super::parse_checkpoint(cp, "simulator position")
     }
 
     fn checkpoint(self) -> Checkpoint {
@@ -1082,18 +1072,7 @@ fn fill(gen: &mut ErpGenerator, n: u64) -> (Vec<Event>, bool) {
     (events, false)
 }
 
-/// Sends a batch unless shutdown comes first; `Ok(false)` means stop.
-async fn send(
-    out: &bus::Sender,
-    shutdown: &CancellationToken,
-    batch: Batch,
-) -> Result<bool, CaptureError> {
-    tokio::select! {
-        biased;
-        () = shutdown.cancelled() => Ok(false),
-        sent = out.send(batch) => sent.map(|()| true).map_err(|_| CaptureError::Closed),
-    }
-}
+use super::send;
 
 /// Generates up to `n` changes and sends them as one batch with the checkpoint
 /// after them; `Ok(false)` means stop (the generator ended, or shutdown).

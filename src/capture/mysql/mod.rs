@@ -59,8 +59,8 @@ use self::schema::{DbTable, ServerInfo};
 use super::{CaptureError, Source};
 use crate::bus;
 use crate::event::{
-    BadEvent, Batch, Catalog, Change, Checkpoint, Event, Op, Position, Row, Snapshot, SourceMeta,
-    TableId, TableSchema, Value,
+    BadEvent, Catalog, Change, Checkpoint, Event, Op, Position, Row, Snapshot, SourceMeta, TableId,
+    TableSchema, Value,
 };
 
 /// Rows per batch (and per snapshot chunk): large enough to amortize the hand-off,
@@ -157,13 +157,7 @@ impl MysqlCheckpoint {
     /// # Errors
     /// Definite when the token is not a MySQL position.
     pub fn parse(cp: &Checkpoint) -> Result<Option<Self>, CaptureError> {
-        if cp.0.trim().is_empty() {
-            return Ok(None);
-        }
-        serde_json::from_str(&cp.0).map(Some).map_err(|e| CaptureError::Definite {
-            message: format!("checkpoint `{}` is not a binlog position: {e}", cp.0),
-            hint: Some("was the store written by another source type? use a new store".into()),
-        })
+        super::parse_checkpoint(cp, "binlog position")
     }
 
     pub fn token(&self) -> Checkpoint {
@@ -378,18 +372,7 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Sends a batch unless shutdown comes first; `Ok(false)` means stop.
-pub(crate) async fn send(
-    out: &bus::Sender,
-    shutdown: &CancellationToken,
-    batch: Batch,
-) -> Result<bool, CaptureError> {
-    tokio::select! {
-        biased;
-        () = shutdown.cancelled() => Ok(false),
-        sent = out.send(batch) => sent.map(|()| true).map_err(|_| CaptureError::Closed),
-    }
-}
+pub(crate) use super::send;
 
 pub(crate) async fn connect(opts: &Opts) -> Result<Conn, CaptureError> {
     Conn::new(opts.clone()).await.map_err(|e| schema::driver_error("connecting", e))
