@@ -145,14 +145,20 @@ fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-#[test]
-fn captured_gold_equals_the_gold_query_on_mariadb() {
+/// A MariaDB with an empty `erp_db`, and the ERP pipeline capturing it into a store.
+fn erp_capture() -> (MariaDb, String, tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let db = MariaDb::start();
     runtime().block_on(db.create_db("erp_db"));
     let url = db.url("erp_db");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("live.db");
     let pipeline = pipeline(dir.path(), &url);
+    (db, url, dir, store, pipeline)
+}
+
+#[test]
+fn captured_gold_equals_the_gold_query_on_mariadb() {
+    let (db, url, _dir, store, pipeline) = erp_capture();
 
     // The ERP is busy before caudal starts (snapshot) and while it runs (binlog).
     let mut sim = spawn_simulate(&url, 30_000, "6000/s");
@@ -182,12 +188,7 @@ fn captured_gold_equals_the_gold_query_on_mariadb() {
 
 #[test]
 fn kill_nine_during_snapshot_and_stream_loses_and_doubles_nothing() {
-    let db = MariaDb::start();
-    runtime().block_on(db.create_db("erp_db"));
-    let url = db.url("erp_db");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = dir.path().join("live.db");
-    let pipeline = pipeline(dir.path(), &url);
+    let (db, url, _dir, store, pipeline) = erp_capture();
 
     // A snapshot big enough to be interrupted, then changes while caudal is killed.
     let mut seed = spawn_simulate(&url, 20_000, "max");

@@ -24,26 +24,22 @@ fn run_into_sqlite_then_export_matches_the_reference() {
     let (want, got, store) =
         (dir.path().join("want"), dir.path().join("got"), dir.path().join("erp.db"));
     reference(&input, &want);
-    ok(caudal()
-        .arg("run")
-        .arg(erp_pipeline())
-        .arg("--input")
-        .arg(&input)
-        .arg("--store")
-        .arg(&store)
-        .arg("-q"));
+    let run = || {
+        ok(caudal()
+            .arg("run")
+            .arg(erp_pipeline())
+            .arg("--input")
+            .arg(&input)
+            .arg("--store")
+            .arg(&store)
+            .arg("-q"))
+    };
+    run();
     export(&store, &got);
     assert_same_answer(&want, &got);
 
     // Running again over the same file is a no-op: everything is already committed.
-    ok(caudal()
-        .arg("run")
-        .arg(erp_pipeline())
-        .arg("--input")
-        .arg(&input)
-        .arg("--store")
-        .arg(&store)
-        .arg("-q"));
+    run();
     let again = dir.path().join("again");
     export(&store, &again);
     assert_same_answer(&want, &again);
