@@ -689,6 +689,7 @@ impl ErpGenerator {
                 gtid: None,
                 snapshot,
                 ts_ms: self.now,
+                partition: None,
             },
             ts_ms: self.now + self.rng.gen_range(1..=40i64),
             origin: self.written,

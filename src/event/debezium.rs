@@ -203,6 +203,7 @@ impl Decoder {
                 gtid: src.gtid.map(Into::into),
                 snapshot,
                 ts_ms: src.ts_ms.unwrap_or(0),
+                partition: None,
             },
             ts_ms: env.ts_ms.unwrap_or(0),
             origin,

@@ -192,6 +192,11 @@ pub struct Source {
     pub snapshot: Snapshot,
     /// When the change was committed upstream (`source.ts_ms`).
     pub ts_ms: i64,
+    /// The transport partition the change travelled through (`topic/partition` for
+    /// Kafka), when there are several: positions are ordered only within one, so
+    /// deduplication keeps one high-water mark per partition. `None` for a source
+    /// read in log order (file, simulator, binlog).
+    pub partition: Option<Arc<str>>,
 }
 
 /// A buffer of bytes a source read, shared by the changes decoded from it and

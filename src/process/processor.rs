@@ -142,6 +142,9 @@ struct Pending {
 struct SavedState {
     #[serde(default)]
     dedup: DedupState,
+    /// Marks of the transport partitions (see `event::Source::partition`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    partitions: BTreeMap<String, DedupState>,
 }
 
 /// Reason codes the processor itself assigns.
@@ -153,6 +156,8 @@ pub mod reason {
 pub struct Processor {
     spec: Arc<PipelineSpec>,
     dedup: Dedup,
+    /// One mark per transport partition, for sources that interleave several.
+    partition_dedup: HashMap<Arc<str>, Dedup>,
     tables: Vec<TableState>,
     facts: Vec<Option<FactPlan>>,
     /// Per table: (fact table, lookup index) pairs that look it up.
@@ -313,6 +318,7 @@ impl Processor {
             stats: Stats { table_events: vec![0; n], ..Stats::default() },
             spec,
             dedup: Dedup::default(),
+            partition_dedup: HashMap::default(),
             tables,
             facts,
             dependents,
@@ -408,7 +414,11 @@ impl Processor {
         if let Some(n) = self.stats.table_events.get_mut(t) {
             *n += 1;
         }
-        if !self.dedup.admit(&c) {
+        let dedup = match &c.source.partition {
+            None => &mut self.dedup,
+            Some(p) => self.partition_dedup.entry(p.clone()).or_default(),
+        };
+        if !dedup.admit(&c) {
             self.stats.duplicates += 1;
             return;
         }
@@ -871,7 +881,14 @@ impl Processor {
             }
         }
         let pending = std::mem::take(&mut self.pending);
-        let state = SavedState { dedup: self.dedup.save() };
+        let state = SavedState {
+            dedup: self.dedup.save(),
+            partitions: self
+                .partition_dedup
+                .iter()
+                .map(|(p, d)| (p.to_string(), d.save()))
+                .collect(),
+        };
         Commit {
             silver: pending
                 .silver
@@ -894,6 +911,11 @@ impl Processor {
         if let Some(state) = recovered.state.as_deref() {
             if let Ok(saved) = serde_json::from_str::<SavedState>(state) {
                 self.dedup = Dedup::restore(&saved.dedup);
+                self.partition_dedup = saved
+                    .partitions
+                    .iter()
+                    .map(|(p, d)| (Arc::from(p.as_str()), Dedup::restore(d)))
+                    .collect();
             }
         }
         self.pending.checkpoint = recovered.checkpoint.clone().unwrap_or_default();

@@ -325,6 +325,7 @@ impl Capture {
                         gtid: rc.gtid,
                         snapshot: rc.snapshot,
                         ts_ms: rc.ts_ms,
+                        partition: None,
                     },
                     ts_ms: now_ms(),
                     origin,
