@@ -24,7 +24,7 @@ use rust_decimal::Decimal;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
-use serde_json::value::RawValue;
+use sonic_rs::LazyValue;
 
 use super::{
     time, BadEvent, Catalog, Change, ColumnType, Event, Key, Op, Position, RawSpan, Row, Snapshot,
@@ -107,12 +107,14 @@ impl Decoder {
         // way, which reports where it is.
         let parsed = match std::str::from_utf8(line) {
             Ok(text) => {
-                let mut de = serde_json::Deserializer::from_str(text);
+                let mut de = sonic_rs::Deserializer::from_str(text);
                 seed.deserialize(&mut de).and_then(|p| de.end().map(|()| p))
             }
-            Err(_) => {
-                let mut de = serde_json::Deserializer::from_slice(line);
-                seed.deserialize(&mut de).and_then(|p| de.end().map(|()| p))
+            Err(e) => {
+                return Err(Failure::new(
+                    reason::MALFORMED_JSON,
+                    format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+                ))
             }
         }
         .map_err(Failure::from_json)?;
@@ -233,9 +235,9 @@ impl Failure {
     }
 
     /// Our own visitors report `reason|detail`; anything else from serde_json is syntax.
-    fn from_json(err: serde_json::Error) -> Self {
+    fn from_json(err: sonic_rs::Error) -> Self {
         let text = err.to_string();
-        if err.is_data() {
+        if err.classify() == sonic_rs::error::Category::TypeUnmatched {
             if let Some((code, detail)) = text.split_once('|') {
                 let reason = [reason::WRONG_TYPE, reason::MISSING_FIELD]
                     .into_iter()
@@ -314,7 +316,7 @@ enum RowField<'de> {
     #[default]
     Absent,
     Decoded(Row, Option<Box<str>>),
-    Raw(&'de RawValue),
+    Raw(LazyValue<'de>),
 }
 
 impl RowField<'_> {
@@ -323,7 +325,7 @@ impl RowField<'_> {
             RowField::Absent => Ok(None),
             RowField::Decoded(row, extra) => Ok(Some((row, extra))),
             RowField::Raw(raw) => {
-                let mut de = serde_json::Deserializer::from_str(raw.get());
+                let mut de = sonic_rs::Deserializer::from_str(raw.as_raw_str());
                 let row = de::Deserializer::deserialize_option(&mut de, OptRowSeed { schema })
                     .map_err(Failure::from_json)?;
                 Ok(row)
@@ -424,8 +426,8 @@ fn envelope_field<'de, A: MapAccess<'de>>(
                     None => RowField::Absent,
                 },
                 None => {
-                    let raw: &'de RawValue = map.next_value()?;
-                    if raw.get() == "null" {
+                    let raw: LazyValue<'de> = map.next_value()?;
+                    if raw.as_raw_str() == "null" {
                         RowField::Absent
                     } else {
                         RowField::Raw(raw)
@@ -628,14 +630,14 @@ impl<'de> Visitor<'de> for OptRowSeed<'_> {
                     row[i] = map.next_value_seed(ValueSeed { ty: col.ty, column: &col.name })?;
                 }
                 None => {
-                    let raw: &'de RawValue = map.next_value()?;
+                    let raw: LazyValue<'de> = map.next_value()?;
                     let buf = extra.get_or_insert_with(|| String::from("{"));
                     if buf.len() > 1 {
                         buf.push(',');
                     }
                     buf.push_str(&serde_json::to_string(&*key).unwrap_or_default());
                     buf.push(':');
-                    buf.push_str(raw.get());
+                    buf.push_str(raw.as_raw_str());
                 }
             }
         }
@@ -659,8 +661,8 @@ impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         if self.ty == ColumnType::Decimal {
             // Read the raw token so that numbers keep every digit (a float would not).
-            let raw: &'de RawValue = serde::Deserialize::deserialize(d)?;
-            let text = raw.get();
+            let raw: LazyValue<'de> = serde::Deserialize::deserialize(d)?;
+            let text = raw.as_raw_str();
             if text == "null" {
                 return Ok(Value::Null);
             }
