@@ -42,6 +42,7 @@
 //! snapshots of tables that change during a long snapshot.
 
 pub mod binlog;
+mod gtid;
 pub mod schema;
 pub mod snapshot;
 
@@ -139,6 +140,13 @@ pub struct MysqlCheckpoint {
     pub file: String,
     /// Offset in `file` of a transaction boundary to stream from.
     pub pos: u64,
+    /// The same boundary as a GTID position, when the server has GTIDs: every
+    /// transaction before `pos` and none after it (MariaDB `gtid_binlog_pos`
+    /// form, or a MySQL executed GTID set). Preferred over `file`/`pos` on resume,
+    /// since it stays valid after the file is purged or on another server of the
+    /// same replication topology.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtid: Option<String>,
     /// The last row already delivered of the transaction at `pos`, as
     /// (event end offset, row index): rows up to it are skipped after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -524,6 +532,7 @@ mod tests {
         let cp = MysqlCheckpoint {
             file: "mysql-bin.000002".into(),
             pos: 328,
+            gtid: Some("0-1-42".into()),
             skip: Some((900, 2)),
             snapshot: Some(SnapshotProgress {
                 table: "orders".into(),
@@ -533,6 +542,10 @@ mod tests {
         };
         assert_eq!(MysqlCheckpoint::parse(&cp.token()).unwrap(), Some(cp));
         assert_eq!(MysqlCheckpoint::parse(&Checkpoint::default()).unwrap(), None);
+        // Checkpoints written before GTIDs were recorded still parse.
+        let old = Checkpoint(r#"{"file":"mysql-bin.000001","pos":4,"origin":3}"#.into());
+        let old = MysqlCheckpoint::parse(&old).unwrap().unwrap();
+        assert_eq!((old.gtid, old.pos), (None, 4));
         assert!(MysqlCheckpoint::parse(&Checkpoint(r#"{"offset":12}"#.into())).is_err());
     }
 

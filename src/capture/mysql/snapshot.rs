@@ -17,7 +17,8 @@ use base64::Engine as _;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Params, Row, Value as MyValue};
 
-use super::schema::{self, driver_error, DbTable, Via};
+use super::binlog;
+use super::schema::{self, driver_error, DbTable, ServerInfo, Via};
 use super::{send, Capture, MysqlCheckpoint, RowChange, SnapshotProgress, BATCH_ROWS};
 use crate::bus;
 use crate::capture::CaptureError;
@@ -25,8 +26,17 @@ use crate::event::{Batch, Event, Op, Position, Snapshot};
 
 const CTX: &str = "snapshot";
 
+/// The binlog position of the consistent view: file, offset and, when the server
+/// has GTIDs, the same position as a GTID set.
+struct ViewPosition {
+    file: String,
+    pos: u64,
+    gtid: Option<String>,
+}
+
 /// Opens the consistent view and returns the binlog position it corresponds to.
-async fn begin(conn: &mut Conn, mariadb: bool) -> Result<(String, u64), CaptureError> {
+async fn begin(conn: &mut Conn, server: &ServerInfo) -> Result<ViewPosition, CaptureError> {
+    let mariadb = server.mariadb;
     let q = |e| driver_error(CTX, e);
     // TIMESTAMP columns are then read as UTC, as the binlog holds them.
     conn.query_drop("SET SESSION time_zone = '+00:00'").await.map_err(q)?;
@@ -40,13 +50,16 @@ async fn begin(conn: &mut Conn, mariadb: bool) -> Result<(String, u64), CaptureE
         };
         let file = get("binlog_snapshot_file").filter(|f| !f.is_empty());
         let pos = get("binlog_snapshot_position").and_then(|p| p.parse().ok());
-        return match (file, pos) {
-            (Some(f), Some(p)) => Ok((f, p)),
-            _ => Err(CaptureError::Definite {
+        let (Some(file), Some(pos)) = (file, pos) else {
+            return Err(CaptureError::Definite {
                 message: "the server reports no binlog snapshot position".into(),
                 hint: Some("is the binlog on (`log_bin`)?".into()),
-            }),
+            });
         };
+        // The GTID position is derived from the view's file and offset by the
+        // server itself, so the two name the same point by construction.
+        let gtid = binlog::mariadb_gtid_pos(conn, &file, pos).await?;
+        return Ok(ViewPosition { file, pos, gtid });
     }
     // MySQL has no snapshot status: hold a global read lock while the view opens.
     conn.query_drop("FLUSH TABLES WITH READ LOCK").await.map_err(q)?;
@@ -68,8 +81,15 @@ async fn begin(conn: &mut Conn, mariadb: bool) -> Result<(String, u64), CaptureE
     unlocked.map_err(q)?;
     let file: Option<String> = status.take_opt(0).and_then(Result::ok);
     let pos: Option<u64> = status.take_opt(1).and_then(Result::ok);
+    // `Executed_Gtid_Set` (column 4) was read under the global read lock with the
+    // file and offset, so it names the same point (MySQL 8, from its manual).
+    let gtid: Option<String> = if server.gtid {
+        status.take_opt(4).and_then(Result::ok).filter(|g: &String| !g.trim().is_empty())
+    } else {
+        None
+    };
     match (file, pos) {
-        (Some(f), Some(p)) => Ok((f, p)),
+        (Some(file), Some(pos)) => Ok(ViewPosition { file, pos, gtid }),
         _ => Err(CaptureError::Definite {
             message: "the server reports no binlog position".into(),
             hint: None,
@@ -184,12 +204,12 @@ pub(crate) async fn run(
     out: &bus::Sender,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<bool, CaptureError> {
-    let (view_file, view_pos) = begin(&mut conn, cap.server.mariadb).await?;
+    let view = begin(&mut conn, &cap.server).await?;
     // A resumed snapshot streams from the first view's position (see the module
     // doc of `mysql`); a new one from this view's.
-    let (file, pos, progress) = match checkpoint.as_ref() {
-        Some(cp) => (cp.file.clone(), cp.pos, cp.snapshot.clone()),
-        None => (view_file, view_pos, None),
+    let (file, pos, gtid, progress) = match checkpoint.as_ref() {
+        Some(cp) => (cp.file.clone(), cp.pos, cp.gtid.clone(), cp.snapshot.clone()),
+        None => (view.file, view.pos, view.gtid, None),
     };
     let file: Arc<str> = Arc::from(file.as_str());
     let snapshot_ts = super::now_ms();
@@ -206,7 +226,7 @@ pub(crate) async fn run(
         })?,
         None => 0,
     };
-    tracing::info!(tables = tables.len() - start, file = %file, pos, "mysql snapshot started");
+    tracing::info!(tables = tables.len() - start, file = %file, pos, gtid = gtid.as_deref().unwrap_or(""), "mysql snapshot started");
 
     for (t, (_, name)) in tables.iter().enumerate().skip(start) {
         let Some(mapping) = cap.mappings.get(name).cloned() else {
@@ -290,11 +310,12 @@ pub(crate) async fn run(
             let cp = MysqlCheckpoint {
                 file: file.to_string(),
                 pos,
+                gtid: gtid.clone(),
                 skip: None,
                 snapshot: next,
                 origin: cap.origin,
             };
-            let batch = Batch { events, checkpoint: cp.token(), bytes: None };
+            let batch = Batch { events, checkpoint: cp.token(), bytes: None, caught_up_ms: None };
             if !send(out, shutdown, batch).await? {
                 return Ok(false);
             }
@@ -316,12 +337,17 @@ pub(crate) async fn run(
         let cp = MysqlCheckpoint {
             file: file.to_string(),
             pos,
+            gtid: gtid.clone(),
             skip: None,
             snapshot: None,
             origin: cap.origin,
         };
-        if !send(out, shutdown, Batch { events: Vec::new(), checkpoint: cp.token(), bytes: None })
-            .await?
+        if !send(
+            out,
+            shutdown,
+            Batch { events: Vec::new(), checkpoint: cp.token(), bytes: None, caught_up_ms: None },
+        )
+        .await?
         {
             return Ok(false);
         }
