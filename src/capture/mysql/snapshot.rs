@@ -8,10 +8,13 @@
 //! Chunks are keyset-paginated (`WHERE key > last ORDER BY key LIMIT n`), so each
 //! chunk is an index range scan and a resumed snapshot starts at the next chunk.
 //! Tables without a primary key are read by offset and restart from their first
-//! row when resumed. Connection loss is transient (the source resumes from the
+//! row when resumed. The view's GTID position is recorded with its file/offset
+//! (see [`super`]), and each table logs rows read against the server's estimate
+//! every few seconds. Connection loss is transient (the source resumes from the
 //! last chunk sent); a missing table is definite.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use mysql_async::prelude::Queryable;
@@ -183,6 +186,17 @@ pub(crate) fn key_from_json(j: &serde_json::Value) -> Option<MyValue> {
     })
 }
 
+/// How often a long table snapshot logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The server's estimate of a table's row count (InnoDB samples it), for progress
+/// logs only: an exact `COUNT(*)` would read the table twice.
+async fn estimated_rows(conn: &mut Conn, db: &str, table: &str) -> Option<u64> {
+    let sql = "SELECT TABLE_ROWS FROM information_schema.TABLES \
+               WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?";
+    conn.exec_first::<Option<u64>, _, _>(sql, (db, table)).await.ok().flatten().flatten()
+}
+
 /// Whether `table` has no rows in the view.
 async fn is_empty(conn: &mut Conn, db: &str, table: &str) -> Result<bool, CaptureError> {
     let sql = format!("SELECT 1 FROM {}.{} LIMIT 1", quote(db), quote(table));
@@ -247,6 +261,12 @@ pub(crate) async fn run(
             _ => None,
         };
         let mut offset = 0u64;
+        // Progress for the log: rows read by this run of the table's snapshot.
+        let estimate = estimated_rows(&mut conn, &cap.db, name).await;
+        let mut done = 0u64;
+        let table_started = Instant::now();
+        let mut logged = Instant::now();
+        tracing::info!(table = %name, rows_estimate = estimate.unwrap_or(0), resumed = after.is_some(), "mysql snapshot of table started");
         loop {
             let sql = chunk_sql(&cap.db, &mapping.db, after.is_some(), offset);
             let params = after.as_deref().map_or_else(Vec::new, chunk_params);
@@ -256,6 +276,13 @@ pub(crate) async fn run(
             let more = rows.len() > BATCH_ROWS;
             rows.truncate(BATCH_ROWS);
             offset += rows.len() as u64;
+            done += rows.len() as u64;
+            if logged.elapsed() >= PROGRESS_EVERY {
+                logged = Instant::now();
+                let total = estimate.unwrap_or(0).max(done);
+                let percent = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+                tracing::info!(table = %name, rows = done, rows_estimate = total, percent = format!("{percent:.0}"), "mysql snapshot progress");
+            }
 
             let mut events = Vec::with_capacity(rows.len());
             let mut last_key: Option<Vec<MyValue>> = None;
@@ -327,7 +354,8 @@ pub(crate) async fn run(
                 after = last_key;
             }
         }
-        tracing::info!(table = %name, "mysql snapshot of table finished");
+        let secs = table_started.elapsed().as_secs_f64();
+        tracing::info!(table = %name, rows = done, seconds = format!("{secs:.1}"), "mysql snapshot of table finished");
     }
     // The view only read; ending it releases its undo history.
     conn.query_drop("COMMIT").await.map_err(|e| driver_error(CTX, e))?;
