@@ -61,6 +61,10 @@ const TABLE_MAP: u8 = 19;
 const HEARTBEAT_EVENT: u8 = 27;
 const GTID: u8 = 33;
 const ANONYMOUS_GTID: u8 = 34;
+/// MySQL 8.0.26+: a heartbeat with a 64-bit position.
+const HEARTBEAT_V2: u8 = 41;
+/// MySQL 8.4: a GTID with a tag.
+const GTID_TAGGED: u8 = 42;
 const MARIADB_GTID: u8 = 162;
 /// MariaDB's compressed query and rows events (`log_bin_compress = ON`).
 const MARIADB_COMPRESSED: std::ops::RangeInclusive<u8> = 165..=171;
@@ -113,7 +117,7 @@ impl Cursor {
     /// Tracks transaction boundaries through one event.
     pub fn advance(&mut self, event_type: u8, log_pos: u64, artificial: bool, query: Option<&str>) {
         match event_type {
-            GTID | ANONYMOUS_GTID | MARIADB_GTID | TABLE_MAP => self.in_txn = true,
+            GTID | ANONYMOUS_GTID | GTID_TAGGED | MARIADB_GTID | TABLE_MAP => self.in_txn = true,
             QUERY if query.is_some_and(|q| q.trim().eq_ignore_ascii_case("BEGIN")) => {
                 self.in_txn = true;
             }
@@ -122,7 +126,7 @@ impl Cursor {
         }
         let bookkept = !artificial
             && log_pos != 0
-            && !matches!(event_type, ROTATE | FORMAT_DESCRIPTION | HEARTBEAT_EVENT);
+            && !matches!(event_type, ROTATE | FORMAT_DESCRIPTION | HEARTBEAT_EVENT | HEARTBEAT_V2);
         if bookkept && !self.in_txn {
             self.resume = log_pos;
         }
@@ -319,7 +323,7 @@ pub(crate) async fn stream(
                     cursor.begin_gtid(g);
                 }
             }
-            if event_type == HEARTBEAT_EVENT {
+            if matches!(event_type, HEARTBEAT_EVENT | HEARTBEAT_V2) {
                 // The server had nothing more to send: caught up as of now.
                 caught_up_ms = Some(super::now_ms());
                 heartbeat = true;
