@@ -12,8 +12,9 @@
 //!
 //! The server is asked for a heartbeat after [`HEARTBEAT`] of silence. A heartbeat
 //! means the source has read everything: it sends a (possibly empty) batch whose
-//! [`Batch::caught_up_ms`] is the time it arrived, so lag reads zero while the
-//! database is idle instead of growing with the age of the last change.
+//! [`Batch::caught_up_ms`] is the time it arrived, so while the database is idle
+//! the lag stays under one heartbeat period instead of growing with the age of
+//! the last change.
 //!
 //! Rows events of included tables in the captured database are decoded through
 //! their table map and the table's server schema (read from `information_schema`,
