@@ -377,6 +377,12 @@ async fn print_progress(spec: Arc<PipelineSpec>, mut rx: watch::Receiver<Progres
             p.stats.bad_events,
             rates.join("  ")
         ));
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        if let Some(lag) = p.lag_ms(now_ms) {
+            text.push_str(&format!("  source lag {:.1}s\n", lag as f64 / 1000.0));
+        }
         if !p.quarantine.is_empty() {
             let q: Vec<String> = p.quarantine.iter().map(|(r, n)| format!("{r}={n}")).collect();
             text.push_str(&format!("  quarantine: {}\n", q.join(" ")));

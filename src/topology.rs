@@ -83,6 +83,16 @@ pub struct Progress {
     pub last_commit_ms: u64,
 }
 
+impl Progress {
+    /// How far processing is behind the upstream at `now_ms` (ms since the epoch):
+    /// now minus the newest time the source was known complete up to (see
+    /// `Batch::caught_up_ms`). Near zero while an idle upstream sends heartbeats;
+    /// `None` for sources that cannot tell.
+    pub fn lag_ms(&self, now_ms: i64) -> Option<i64> {
+        self.stats.caught_up_ms.map(|c| now_ms.saturating_sub(c).max(0))
+    }
+}
+
 /// What a finished run leaves.
 pub struct RunSummary {
     pub processor: Processor,

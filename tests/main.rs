@@ -5,6 +5,7 @@ mod support;
 
 mod bad_input;
 mod capture_mysql;
+mod capture_mysql_gtid;
 mod config_errors;
 mod crash;
 mod end_to_end_mysql;

@@ -254,5 +254,5 @@ fn decode_chunk(decoder: &mut Decoder, chunk: &Chunk) -> Batch {
         at = end + 1;
     }
     let end = FileCheckpoint { offset: chunk.start.offset + data.len() as u64, line: line_no };
-    Batch { events, checkpoint: end.token(), bytes: Some(chunk.data.clone()) }
+    Batch { events, checkpoint: end.token(), bytes: Some(chunk.data.clone()), caught_up_ms: None }
 }

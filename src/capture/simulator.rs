@@ -1088,7 +1088,9 @@ async fn deliver(
     let (events, done) = fill(gen, n);
     if !events.is_empty() {
         let checkpoint = ResumeToken { emitted: gen.emitted(), start_ms, gap_us }.checkpoint();
-        if !send(out, shutdown, Batch { events, checkpoint, bytes: None }).await? {
+        if !send(out, shutdown, Batch { events, checkpoint, bytes: None, caught_up_ms: None })
+            .await?
+        {
             return Ok(false);
         }
     }

@@ -335,6 +335,13 @@ pub struct Batch {
     pub checkpoint: Checkpoint,
     /// The bytes the changes' [`RawSpan`]s point into, for sources that read bytes.
     pub bytes: Option<Arc<PooledBytes>>,
+    /// Upstream time (ms since the epoch) up to which the source has read all of
+    /// its log when it cut this batch: the commit time of the last event read, or
+    /// the arrival time of a heartbeat, which says the upstream had nothing more.
+    /// Lag is now minus the newest of these, so it reads zero while the upstream
+    /// is idle. `None` when the source cannot tell (files, the simulator). A batch
+    /// may carry only this and no events.
+    pub caught_up_ms: Option<i64>,
 }
 
 #[cfg(test)]

@@ -125,6 +125,8 @@ pub struct Stats {
     pub events: u64,
     pub duplicates: u64,
     pub bad_events: u64,
+    /// The newest [`Batch::caught_up_ms`] seen: lag is now minus this.
+    pub caught_up_ms: Option<i64>,
 }
 
 /// Output accumulated since the last commit.
@@ -389,6 +391,9 @@ impl Processor {
         self.stats.events += n;
         self.pending.checkpoint = batch.checkpoint;
         self.bytes = None;
+        if let Some(t) = batch.caught_up_ms {
+            self.stats.caught_up_ms = Some(self.stats.caught_up_ms.map_or(t, |c| c.max(t)));
+        }
     }
 
     fn on_bad(&mut self, bad: BadEvent) {

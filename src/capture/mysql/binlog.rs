@@ -1,10 +1,20 @@
 //! Streaming the binlog as a replica and turning rows events into changes.
 //!
 //! The source registers with `source.server_id` and asks for the binlog from the
-//! checkpoint's file and offset. It follows transaction boundaries (GTID / `BEGIN`
-//! open one, `XID` / any other query close it) so that a checkpoint always names a
-//! boundary to restart from plus the last row delivered inside an open transaction;
+//! checkpoint's GTID position when it has one (MariaDB: `@slave_connect_state`
+//! then `COM_BINLOG_DUMP`; MySQL 8: `COM_BINLOG_DUMP_GTID` with the executed set),
+//! otherwise from its file and offset. It follows transaction boundaries (GTID /
+//! `BEGIN` open one, `XID` / any other query close it) so that a checkpoint always
+//! names a boundary to restart from, as file/offset and as the GTID set of the
+//! transactions before it, plus the last row delivered inside an open transaction;
 //! a restart re-reads the transaction's table maps and skips what was delivered.
+//! Each change carries its transaction's GTID (`source.gtid`).
+//!
+//! The server is asked for a heartbeat after [`HEARTBEAT`] of silence. A heartbeat
+//! means the source has read everything: it sends a (possibly empty) batch whose
+//! [`Batch::caught_up_ms`] is the time it arrived, so while the database is idle
+//! the lag stays under one heartbeat period instead of growing with the age of
+//! the last change.
 //!
 //! Rows events of included tables in the captured database are decoded through
 //! their table map and the table's server schema (read from `information_schema`,
@@ -25,6 +35,7 @@ use mysql_async::binlog::row::BinlogRow;
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn, Opts, Row};
 
+use super::gtid::{Gtid, GtidSet};
 use super::schema::{self, driver_error, DbTable};
 use super::{connect, send, Capture, MysqlCheckpoint, RowChange, BATCH_INTERVAL, BATCH_ROWS};
 use crate::bus;
@@ -33,8 +44,9 @@ use crate::event::{BadEvent, Batch, Event, Op, Position, Snapshot, Value};
 
 const CTX: &str = "reading the binlog";
 /// The server sends a heartbeat after this much silence, so a dead connection is
-/// told apart from an idle database.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// told apart from an idle database, and an idle database reads as caught up: it
+/// bounds the lag shown while idle. One tiny packet a second costs nothing.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Silence after which the connection is presumed dead.
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 /// How often an idle stream still sends its (moved) checkpoint downstream, so a
@@ -50,6 +62,10 @@ const TABLE_MAP: u8 = 19;
 const HEARTBEAT_EVENT: u8 = 27;
 const GTID: u8 = 33;
 const ANONYMOUS_GTID: u8 = 34;
+/// MySQL 8.0.26+: a heartbeat with a 64-bit position.
+const HEARTBEAT_V2: u8 = 41;
+/// MySQL 8.4: a GTID with a tag.
+const GTID_TAGGED: u8 = 42;
 const MARIADB_GTID: u8 = 162;
 /// MariaDB's compressed query and rows events (`log_bin_compress = ON`).
 const MARIADB_COMPRESSED: std::ops::RangeInclusive<u8> = 165..=171;
@@ -68,23 +84,41 @@ pub(crate) struct Cursor {
     pub last_row: Option<(u64, u32)>,
     /// Rows of the first transaction that were delivered before the restart.
     pub skip: Option<(u64, u32)>,
+    /// The transactions before `resume`, when the server has GTIDs and the start
+    /// position named them.
+    pub gtids: Option<GtidSet>,
+    /// The GTID of the open transaction, and its text for the changes.
+    txn_gtid: Option<(Gtid, Box<str>)>,
 }
 
 impl Cursor {
-    pub fn new(cp: &MysqlCheckpoint) -> Self {
+    pub fn new(cp: &MysqlCheckpoint, gtids: Option<GtidSet>) -> Self {
         Self {
             file: Arc::from(cp.file.as_str()),
             resume: cp.pos,
             in_txn: false,
             last_row: cp.skip,
             skip: cp.skip,
+            gtids,
+            txn_gtid: None,
         }
+    }
+
+    /// A GTID event opens a transaction with this id.
+    pub fn begin_gtid(&mut self, gtid: Gtid) {
+        let text = gtid.to_string().into_boxed_str();
+        self.txn_gtid = Some((gtid, text));
+    }
+
+    /// The GTID of the open transaction.
+    pub fn gtid(&self) -> Option<&str> {
+        self.txn_gtid.as_ref().map(|(_, t)| &**t)
     }
 
     /// Tracks transaction boundaries through one event.
     pub fn advance(&mut self, event_type: u8, log_pos: u64, artificial: bool, query: Option<&str>) {
         match event_type {
-            GTID | ANONYMOUS_GTID | MARIADB_GTID | TABLE_MAP => self.in_txn = true,
+            GTID | ANONYMOUS_GTID | GTID_TAGGED | MARIADB_GTID | TABLE_MAP => self.in_txn = true,
             QUERY if query.is_some_and(|q| q.trim().eq_ignore_ascii_case("BEGIN")) => {
                 self.in_txn = true;
             }
@@ -93,7 +127,7 @@ impl Cursor {
         }
         let bookkept = !artificial
             && log_pos != 0
-            && !matches!(event_type, ROTATE | FORMAT_DESCRIPTION | HEARTBEAT_EVENT);
+            && !matches!(event_type, ROTATE | FORMAT_DESCRIPTION | HEARTBEAT_EVENT | HEARTBEAT_V2);
         if bookkept && !self.in_txn {
             self.resume = log_pos;
         }
@@ -103,16 +137,27 @@ impl Cursor {
         self.in_txn = false;
         self.last_row = None;
         self.skip = None;
+        if let (Some((gtid, _)), Some(set)) = (self.txn_gtid.take(), self.gtids.as_mut()) {
+            set.add(&gtid);
+        }
     }
 
+    /// A rotate event: the stream continues in `file` at `pos`.
     pub fn rotate(&mut self, file: &str, pos: u64) {
         if *self.file != *file {
             self.file = Arc::from(file);
             self.skip = None;
             self.last_row = None;
+            self.resume = pos;
+        } else {
+            // A stream resumed by GTID opens with a made-up rotate to the start of
+            // the file holding the next transaction (the server skips the ones
+            // before it): in the checkpoint's own file, its offset stays the
+            // boundary.
+            self.resume = self.resume.max(pos);
         }
-        self.resume = pos;
         self.in_txn = false;
+        self.txn_gtid = None;
     }
 
     /// Whether the row at (`pos`, `row`) was delivered before the restart.
@@ -124,6 +169,7 @@ impl Cursor {
         MysqlCheckpoint {
             file: self.file.to_string(),
             pos: self.resume,
+            gtid: self.gtids.as_ref().filter(|g| !g.is_empty()).map(ToString::to_string),
             skip: if self.in_txn { self.last_row } else { None },
             snapshot: None,
             origin,
@@ -145,7 +191,29 @@ pub(crate) async fn stream(
     out: &bus::Sender,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), CaptureError> {
-    ensure_file_exists(&mut schema_conn, &start.file).await?;
+    let mariadb = cap.server.mariadb;
+    // Resume by GTID when the checkpoint has a GTID position and the server GTIDs;
+    // by file and offset otherwise (and then the GTID position of that offset is
+    // looked up, on MariaDB, so the checkpoints from now on carry one).
+    let by_gtid = match start.gtid.as_deref().filter(|g| cap.server.gtid && !g.trim().is_empty()) {
+        Some(text) => Some(GtidSet::parse(text, mariadb).map_err(|e| CaptureError::Definite {
+            message: format!("the checkpoint's GTID position is unreadable: {e}"),
+            hint: Some("start with a new store to take a new snapshot".into()),
+        })?),
+        None => None,
+    };
+    let gtids = match &by_gtid {
+        Some(set) => Some(set.clone()),
+        None => {
+            ensure_file_exists(&mut schema_conn, &start.file).await?;
+            if mariadb {
+                let text = mariadb_gtid_pos(&mut schema_conn, &start.file, start.pos).await?;
+                text.and_then(|t| GtidSet::parse(&t, true).ok())
+            } else {
+                None
+            }
+        }
+    };
 
     let mut conn = connect(opts).await?;
     // Ask for heartbeats (the period is in nanoseconds) and, on MariaDB, for real
@@ -153,25 +221,58 @@ pub(crate) async fn stream(
     conn.query_drop(format!("SET @master_heartbeat_period = {}", HEARTBEAT.as_nanos()))
         .await
         .map_err(|e| driver_error(CTX, e))?;
-    if cap.server.mariadb {
+    if mariadb {
         conn.query_drop("SET @mariadb_slave_capability = 4")
             .await
             .map_err(|e| driver_error(CTX, e))?;
     }
-    let request = BinlogStreamRequest::new(cap.server_id)
-        .with_filename(start.file.as_bytes())
-        .with_pos(start.pos);
+    let request = BinlogStreamRequest::new(cap.server_id);
+    let request = match &by_gtid {
+        None => request.with_filename(start.file.as_bytes()).with_pos(start.pos),
+        Some(set) if mariadb => {
+            // The server finds the file by the state and skips the transactions
+            // in it; the file and offset of the request are then ignored. Strict
+            // mode off: the state may name a domain's GTID from an older server id.
+            let state = set.to_string();
+            for sql in [
+                format!("SET @slave_connect_state = '{}'", state.replace('\'', "")),
+                "SET @slave_gtid_strict_mode = 0".to_owned(),
+                "SET @slave_gtid_ignore_duplicates = 0".to_owned(),
+            ] {
+                conn.query_drop(sql).await.map_err(|e| driver_error(CTX, e))?;
+            }
+            request.with_filename(&b""[..]).with_pos(4u64)
+        }
+        Some(set) => {
+            // MySQL 8 (from its protocol documentation, untested here):
+            // COM_BINLOG_DUMP_GTID sends every transaction not in the set.
+            let sids = set.sids().map_err(|e| CaptureError::Definite {
+                message: format!("the checkpoint's GTID set is unreadable: {e}"),
+                hint: Some("start with a new store to take a new snapshot".into()),
+            })?;
+            request.with_gtid().with_gtid_set(sids).with_filename(&b""[..]).with_pos(4u64)
+        }
+    };
     let mut stream = conn.get_binlog_stream(request).await.map_err(|e| driver_error(CTX, e))?;
-    tracing::info!(file = %start.file, pos = start.pos, server_id = cap.server_id, "mysql binlog streaming");
+    tracing::info!(
+        file = %start.file,
+        pos = start.pos,
+        gtid = start.gtid.as_deref().unwrap_or(""),
+        by_gtid = by_gtid.is_some(),
+        server_id = cap.server_id,
+        "mysql binlog streaming"
+    );
 
-    let mut cursor = Cursor::new(&start);
+    let mut cursor = Cursor::new(&start, gtids);
+    // The newest upstream time the stream is known to be complete up to.
+    let mut caught_up_ms: Option<i64> = None;
+    let mut heartbeat = false;
     let mut pending: Vec<Event> = Vec::new();
     let mut pending_since = Instant::now();
     let mut sent = start.clone();
     let mut sent_at = Instant::now();
     let mut tick = tokio::time::interval(BATCH_INTERVAL / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut gtid: Option<Box<str>> = None;
 
     loop {
         let next = tokio::select! {
@@ -219,7 +320,17 @@ pub(crate) async fn stream(
                 });
             }
             if event_type == MARIADB_GTID {
-                gtid = mariadb_gtid(event.data(), header.server_id());
+                if let Some(g) = Gtid::mariadb(event.data(), header.server_id()) {
+                    cursor.begin_gtid(g);
+                }
+            }
+            if matches!(event_type, HEARTBEAT_EVENT | HEARTBEAT_V2) {
+                // The server had nothing more to send: caught up as of now.
+                caught_up_ms = Some(super::now_ms());
+                heartbeat = true;
+            } else if !artificial && header.timestamp() != 0 {
+                let ts = i64::from(header.timestamp()) * 1000;
+                caught_up_ms = Some(caught_up_ms.map_or(ts, |c| c.max(ts)));
             }
             let data = event.read_data().map_err(|e| CaptureError::Definite {
                 message: format!(
@@ -273,7 +384,7 @@ pub(crate) async fn stream(
                             pos: log_pos,
                             ts_ms: i64::from(header.timestamp()) * 1000,
                             server_id: u64::from(header.server_id()),
-                            gtid: gtid.as_deref(),
+                            gtid: cursor.gtid().map(Into::into),
                         };
                         let before_len = pending.len();
                         for (row, item) in rows.rows(tme).enumerate() {
@@ -307,7 +418,16 @@ pub(crate) async fn stream(
                         }
                     }
                 }
-                Some(EventData::XidEvent(_)) => gtid = None,
+                Some(EventData::GtidEvent(g)) => {
+                    // MySQL 8; its commit time is in microseconds, finer than the header's.
+                    let tag = g.tag().map(|t| t.as_str().to_owned());
+                    cursor.begin_gtid(Gtid::mysql(g.sid(), tag.as_deref(), g.gno()));
+                    let commit_ms =
+                        i64::try_from(g.immediate_commit_timestamp() / 1000).unwrap_or(0);
+                    if commit_ms > 0 {
+                        caught_up_ms = Some(caught_up_ms.map_or(commit_ms, |c| c.max(commit_ms)));
+                    }
+                }
                 _ => {}
             }
             cursor.advance(event_type, log_pos, artificial, query_text.as_deref());
@@ -317,11 +437,17 @@ pub(crate) async fn stream(
             || (!pending.is_empty() && pending_since.elapsed() >= BATCH_INTERVAL)
             || (pending.is_empty()
                 && sent_at.elapsed() >= IDLE_CHECKPOINT
-                && cursor.checkpoint(cap.origin) != sent);
+                && cursor.checkpoint(cap.origin) != sent)
+            || (pending.is_empty() && heartbeat);
         if due {
+            heartbeat = false;
             let cp = cursor.checkpoint(cap.origin);
-            let batch =
-                Batch { events: std::mem::take(&mut pending), checkpoint: cp.token(), bytes: None };
+            let batch = Batch {
+                events: std::mem::take(&mut pending),
+                checkpoint: cp.token(),
+                bytes: None,
+                caught_up_ms,
+            };
             if !send(out, shutdown, batch).await? {
                 let _ = stream.close().await;
                 return Ok(());
@@ -341,7 +467,7 @@ struct RowsAt<'a> {
     pos: u64,
     ts_ms: i64,
     server_id: u64,
-    gtid: Option<&'a str>,
+    gtid: Option<Box<str>>,
 }
 
 fn natives(row: Option<BinlogRow>, db: Option<&DbTable>) -> Option<Vec<Result<Value, String>>> {
@@ -378,7 +504,7 @@ fn decode(
         after,
         position: Position::Binlog { file: at.file.clone(), pos: at.pos, row },
         snapshot: Snapshot::False,
-        gtid: at.gtid.map(Into::into),
+        gtid: at.gtid.clone(),
         ts_ms: at.ts_ms,
         server_id: at.server_id,
     })
@@ -394,11 +520,24 @@ fn rotate_name(name: &str, current: &str, artificial: bool) -> String {
     name.chars().take_while(|c| c.is_ascii_graphic()).collect()
 }
 
-/// `domain-server-sequence` from a MariaDB GTID event's body.
-fn mariadb_gtid(data: &[u8], server_id: u32) -> Option<Box<str>> {
-    let seq = u64::from_le_bytes(data.get(0..8)?.try_into().ok()?);
-    let domain = u32::from_le_bytes(data.get(8..12)?.try_into().ok()?);
-    Some(format!("{domain}-{server_id}-{seq}").into())
+/// MariaDB's GTID position at a binlog file and offset (`BINLOG_GTID_POS`); `None`
+/// on MySQL, or when the offset is not a transaction boundary of a file still on
+/// the server.
+///
+/// # Errors
+/// Transient on connection loss.
+pub(crate) async fn mariadb_gtid_pos(
+    conn: &mut Conn,
+    file: &str,
+    pos: u64,
+) -> Result<Option<String>, CaptureError> {
+    match conn.exec_first::<Option<String>, _, _>("SELECT BINLOG_GTID_POS(?, ?)", (file, pos)).await
+    {
+        Ok(v) => Ok(v.flatten()),
+        // MySQL has no such function (error 1305): no GTID position from an offset.
+        Err(mysql_async::Error::Server(e)) if e.code == 1305 => Ok(None),
+        Err(e) => Err(driver_error(CTX, e)),
+    }
 }
 
 fn is_ddl(query: &str) -> bool {
@@ -467,13 +606,17 @@ mod tests {
     use super::*;
 
     fn cursor() -> Cursor {
-        Cursor::new(&MysqlCheckpoint {
-            file: "mysql-bin.000001".into(),
-            pos: 100,
-            skip: None,
-            snapshot: None,
-            origin: 0,
-        })
+        Cursor::new(
+            &MysqlCheckpoint {
+                file: "mysql-bin.000001".into(),
+                pos: 100,
+                gtid: None,
+                skip: None,
+                snapshot: None,
+                origin: 0,
+            },
+            None,
+        )
     }
 
     #[test]
@@ -515,13 +658,17 @@ mod tests {
 
     #[test]
     fn resumed_transactions_skip_delivered_rows_only() {
-        let c = Cursor::new(&MysqlCheckpoint {
-            file: "f.1".into(),
-            pos: 100,
-            skip: Some((300, 1)),
-            snapshot: None,
-            origin: 0,
-        });
+        let c = Cursor::new(
+            &MysqlCheckpoint {
+                file: "f.1".into(),
+                pos: 100,
+                gtid: None,
+                skip: Some((300, 1)),
+                snapshot: None,
+                origin: 0,
+            },
+            None,
+        );
         assert!(c.skipped(300, 1) && c.skipped(250, 7));
         assert!(!c.skipped(300, 2) && !c.skipped(400, 0));
     }
@@ -534,12 +681,38 @@ mod tests {
     }
 
     #[test]
-    fn mariadb_gtids_read_domain_server_and_sequence() {
-        let mut data = 42u64.to_le_bytes().to_vec();
-        data.extend_from_slice(&3u32.to_le_bytes());
-        data.push(0);
-        assert_eq!(mariadb_gtid(&data, 1).as_deref(), Some("3-1-42"));
-        assert_eq!(mariadb_gtid(&[1, 2], 1), None);
+    fn ddl_statements_are_recognised() {
         assert!(is_ddl("  alter table x add y int") && !is_ddl("BEGIN"));
+    }
+
+    #[test]
+    fn checkpoints_carry_the_gtids_of_finished_transactions_only() {
+        let mut c = cursor();
+        c.gtids = Some(GtidSet::parse("0-1-41", true).unwrap());
+        c.advance(MARIADB_GTID, 150, false, None);
+        c.begin_gtid(Gtid::Mariadb { domain: 0, server: 1, seq: 42 });
+        assert_eq!(c.gtid(), Some("0-1-42"));
+        c.advance(TABLE_MAP, 200, false, None);
+        c.last_row = Some((300, 0));
+        let open = c.checkpoint(1);
+        assert_eq!((open.pos, open.gtid.as_deref()), (100, Some("0-1-41")), "open txn excluded");
+        c.advance(XID, 330, false, None);
+        let done = c.checkpoint(1);
+        assert_eq!((done.pos, done.gtid.as_deref()), (330, Some("0-1-42")));
+        assert_eq!(c.gtid(), None);
+        // A DDL is its own transaction, closed by its query event.
+        c.advance(MARIADB_GTID, 380, false, None);
+        c.begin_gtid(Gtid::Mariadb { domain: 0, server: 1, seq: 43 });
+        c.advance(QUERY, 450, false, Some("CREATE TABLE x (id INT)"));
+        assert_eq!(c.checkpoint(1).gtid.as_deref(), Some("0-1-43"));
+    }
+
+    #[test]
+    fn a_gtid_resume_keeps_the_checkpoint_offset_in_its_own_file() {
+        let mut c = cursor();
+        c.rotate("mysql-bin.000001", 4);
+        assert_eq!(c.resume, 100, "the made-up rotate to the file start");
+        c.rotate("mysql-bin.000002", 4);
+        assert_eq!((&*c.file, c.resume), ("mysql-bin.000002", 4));
     }
 }

@@ -10,7 +10,11 @@
 //! in one consistent-snapshot transaction (MariaDB reports the binlog position of
 //! that snapshot; MySQL briefly takes a global read lock to read it), table after
 //! table in primary-key chunks, as op `r` changes carrying the snapshot's binlog
-//! position; the last row is marked `snapshot = last`. Every chunk is a batch whose
+//! position; the last row is marked `snapshot = last`. The view's position is also
+//! read as a GTID position (MariaDB: `BINLOG_GTID_POS` of the view's file/offset;
+//! MySQL: `Executed_Gtid_Set` under the same read lock), so both name one point.
+//! Each table logs its progress (rows read against the server's row estimate).
+//! Every chunk is a batch whose
 //! checkpoint records the table and last key read, so an interrupted snapshot
 //! resumes at its next chunk. The resumed part is read in a new, later snapshot;
 //! streaming still starts at the first snapshot's position, so the binlog between
@@ -18,16 +22,24 @@
 //! state is the same (at least once, never a gap).
 //!
 //! **Streaming** ([`binlog`]). The binlog is read as a replica with
-//! `source.server_id` from the snapshot's position (or the checkpoint's), and
-//! WRITE/UPDATE/DELETE rows events of included tables become `c`/`u`/`d` changes at
-//! `Position::Binlog { file, pos, row }` (`pos` is the event's end offset, `row` the
-//! row's index in the event). Changes go out in batches of at most
+//! `source.server_id` from the snapshot's position (or the checkpoint's), by GTID
+//! when the position has one, and WRITE/UPDATE/DELETE rows events of included
+//! tables become `c`/`u`/`d` changes at `Position::Binlog { file, pos, row }`
+//! (`pos` is the event's end offset, `row` the row's index in the event) with
+//! their transaction's GTID in `source.gtid`. Heartbeats from an idle server mark
+//! the source caught up ([`crate::event::Batch::caught_up_ms`]). Changes go out in batches of at most
 //! [`BATCH_ROWS`] rows or [`BATCH_INTERVAL`] of waiting.
 //!
 //! **Checkpoints** ([`MysqlCheckpoint`], JSON). A checkpoint names a transaction
-//! boundary to restart streaming from and, when a batch ended inside a transaction,
-//! the last row already delivered; a restart re-reads that transaction and skips
-//! those rows, so it continues strictly after the checkpoint.
+//! boundary to restart streaming from, as file/offset and, when the server has
+//! GTIDs, as the GTID set of the transactions before it, and, when a batch ended
+//! inside a transaction, the last row already delivered; a restart re-reads that
+//! transaction and skips those rows, so it continues strictly after the
+//! checkpoint. The GTID position is preferred on resume (it survives the purge of
+//! the checkpoint's file); file/offset is the fallback. The skipped rows are
+//! named by binlog offsets, so a resume inside a transaction assumes the same
+//! server (after a failover to another server, that transaction's delivered rows
+//! come again: at least once).
 //!
 //! **Failures.** Lost connections and server hiccups are transient: the source
 //! reconnects with exponential backoff (logged at `warn`) and resumes from the last
@@ -36,12 +48,16 @@
 //! re-snapshot), a duplicate server id. Rows whose values do not fit the declared
 //! column types are bad events (`wrong_type`), never errors.
 //!
-//! Not yet: GTID positions, DDL-aware schema history (a schema change is picked up
-//! from `information_schema` when it is seen, so events written before it and read
-//! after it may not decode), heartbeats, watermark-based (lock-free, incremental)
-//! snapshots of tables that change during a long snapshot.
+//! MySQL 8 (GTID events, `COM_BINLOG_DUMP_GTID`, `Executed_Gtid_Set`) is written
+//! from its documentation and not tested here; MariaDB is.
+//!
+//! Not yet: DDL-aware schema history (a schema change is picked up from
+//! `information_schema` when it is seen, so events written before it and read
+//! after it may not decode), watermark-based (lock-free, incremental) snapshots of
+//! tables that change during a long snapshot.
 
 pub mod binlog;
+mod gtid;
 pub mod schema;
 pub mod snapshot;
 
@@ -139,6 +155,13 @@ pub struct MysqlCheckpoint {
     pub file: String,
     /// Offset in `file` of a transaction boundary to stream from.
     pub pos: u64,
+    /// The same boundary as a GTID position, when the server has GTIDs: every
+    /// transaction before `pos` and none after it (MariaDB `gtid_binlog_pos`
+    /// form, or a MySQL executed GTID set). Preferred over `file`/`pos` on resume,
+    /// since it stays valid after the file is purged or on another server of the
+    /// same replication topology.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtid: Option<String>,
     /// The last row already delivered of the transaction at `pos`, as
     /// (event end offset, row index): rows up to it are skipped after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -525,6 +548,7 @@ mod tests {
         let cp = MysqlCheckpoint {
             file: "mysql-bin.000002".into(),
             pos: 328,
+            gtid: Some("0-1-42".into()),
             skip: Some((900, 2)),
             snapshot: Some(SnapshotProgress {
                 table: "orders".into(),
@@ -534,6 +558,10 @@ mod tests {
         };
         assert_eq!(MysqlCheckpoint::parse(&cp.token()).unwrap(), Some(cp));
         assert_eq!(MysqlCheckpoint::parse(&Checkpoint::default()).unwrap(), None);
+        // Checkpoints written before GTIDs were recorded still parse.
+        let old = Checkpoint(r#"{"file":"mysql-bin.000001","pos":4,"origin":3}"#.into());
+        let old = MysqlCheckpoint::parse(&old).unwrap().unwrap();
+        assert_eq!((old.gtid, old.pos), (None, 4));
         assert!(MysqlCheckpoint::parse(&Checkpoint(r#"{"offset":12}"#.into())).is_err());
     }
 

@@ -87,6 +87,9 @@ pub(crate) struct DbTable {
 #[derive(Debug, Clone)]
 pub(crate) struct ServerInfo {
     pub mariadb: bool,
+    /// Whether positions can be GTIDs: always on MariaDB (every transaction has
+    /// one), with `gtid_mode = ON` on MySQL.
+    pub gtid: bool,
 }
 
 /// Maps a driver error: lost connections are transient, refusals that need an
@@ -205,7 +208,19 @@ pub(crate) async fn check_server(conn: &mut Conn) -> Result<ServerInfo, CaptureE
         .await
         .map_err(|e| driver_error(ctx, e))?;
     check_grants(&privileges)?;
-    Ok(ServerInfo { mariadb: version.to_ascii_lowercase().contains("mariadb") })
+    let mariadb = version.to_ascii_lowercase().contains("mariadb");
+    let gtid = if mariadb {
+        true
+    } else {
+        // MySQL 5.7+ has `gtid_mode`; OFF, OFF_PERMISSIVE and ON_PERMISSIVE may leave
+        // transactions without a GTID, so only ON makes the executed set a position.
+        let mode: Option<String> = conn
+            .query_first("SELECT CAST(@@GLOBAL.gtid_mode AS CHAR)")
+            .await
+            .map_err(|e| driver_error(ctx, e))?;
+        mode.is_some_and(|m| m.eq_ignore_ascii_case("ON"))
+    };
+    Ok(ServerInfo { mariadb, gtid })
 }
 
 /// The pure part of [`check_server`]'s settings check.

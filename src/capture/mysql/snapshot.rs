@@ -8,16 +8,20 @@
 //! Chunks are keyset-paginated (`WHERE key > last ORDER BY key LIMIT n`), so each
 //! chunk is an index range scan and a resumed snapshot starts at the next chunk.
 //! Tables without a primary key are read by offset and restart from their first
-//! row when resumed. Connection loss is transient (the source resumes from the
+//! row when resumed. The view's GTID position is recorded with its file/offset
+//! (see [`super`]), and each table logs rows read against the server's estimate
+//! every few seconds. Connection loss is transient (the source resumes from the
 //! last chunk sent); a missing table is definite.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Params, Row, Value as MyValue};
 
-use super::schema::{self, driver_error, DbTable, Via};
+use super::binlog;
+use super::schema::{self, driver_error, DbTable, ServerInfo, Via};
 use super::{send, Capture, MysqlCheckpoint, RowChange, SnapshotProgress, BATCH_ROWS};
 use crate::bus;
 use crate::capture::CaptureError;
@@ -25,8 +29,17 @@ use crate::event::{Batch, Event, Op, Position, Snapshot};
 
 const CTX: &str = "snapshot";
 
+/// The binlog position of the consistent view: file, offset and, when the server
+/// has GTIDs, the same position as a GTID set.
+struct ViewPosition {
+    file: String,
+    pos: u64,
+    gtid: Option<String>,
+}
+
 /// Opens the consistent view and returns the binlog position it corresponds to.
-async fn begin(conn: &mut Conn, mariadb: bool) -> Result<(String, u64), CaptureError> {
+async fn begin(conn: &mut Conn, server: &ServerInfo) -> Result<ViewPosition, CaptureError> {
+    let mariadb = server.mariadb;
     let q = |e| driver_error(CTX, e);
     // TIMESTAMP columns are then read as UTC, as the binlog holds them.
     conn.query_drop("SET SESSION time_zone = '+00:00'").await.map_err(q)?;
@@ -40,13 +53,16 @@ async fn begin(conn: &mut Conn, mariadb: bool) -> Result<(String, u64), CaptureE
         };
         let file = get("binlog_snapshot_file").filter(|f| !f.is_empty());
         let pos = get("binlog_snapshot_position").and_then(|p| p.parse().ok());
-        return match (file, pos) {
-            (Some(f), Some(p)) => Ok((f, p)),
-            _ => Err(CaptureError::Definite {
+        let (Some(file), Some(pos)) = (file, pos) else {
+            return Err(CaptureError::Definite {
                 message: "the server reports no binlog snapshot position".into(),
                 hint: Some("is the binlog on (`log_bin`)?".into()),
-            }),
+            });
         };
+        // The GTID position is derived from the view's file and offset by the
+        // server itself, so the two name the same point by construction.
+        let gtid = binlog::mariadb_gtid_pos(conn, &file, pos).await?;
+        return Ok(ViewPosition { file, pos, gtid });
     }
     // MySQL has no snapshot status: hold a global read lock while the view opens.
     conn.query_drop("FLUSH TABLES WITH READ LOCK").await.map_err(q)?;
@@ -68,8 +84,15 @@ async fn begin(conn: &mut Conn, mariadb: bool) -> Result<(String, u64), CaptureE
     unlocked.map_err(q)?;
     let file: Option<String> = status.take_opt(0).and_then(Result::ok);
     let pos: Option<u64> = status.take_opt(1).and_then(Result::ok);
+    // `Executed_Gtid_Set` (column 4) was read under the global read lock with the
+    // file and offset, so it names the same point (MySQL 8, from its manual).
+    let gtid: Option<String> = if server.gtid {
+        status.take_opt(4).and_then(Result::ok).filter(|g: &String| !g.trim().is_empty())
+    } else {
+        None
+    };
     match (file, pos) {
-        (Some(f), Some(p)) => Ok((f, p)),
+        (Some(file), Some(pos)) => Ok(ViewPosition { file, pos, gtid }),
         _ => Err(CaptureError::Definite {
             message: "the server reports no binlog position".into(),
             hint: None,
@@ -163,6 +186,17 @@ pub(crate) fn key_from_json(j: &serde_json::Value) -> Option<MyValue> {
     })
 }
 
+/// How often a long table snapshot logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The server's estimate of a table's row count (InnoDB samples it), for progress
+/// logs only: an exact `COUNT(*)` would read the table twice.
+async fn estimated_rows(conn: &mut Conn, db: &str, table: &str) -> Option<u64> {
+    let sql = "SELECT TABLE_ROWS FROM information_schema.TABLES \
+               WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?";
+    conn.exec_first::<Option<u64>, _, _>(sql, (db, table)).await.ok().flatten().flatten()
+}
+
 /// Whether `table` has no rows in the view.
 async fn is_empty(conn: &mut Conn, db: &str, table: &str) -> Result<bool, CaptureError> {
     let sql = format!("SELECT 1 FROM {}.{} LIMIT 1", quote(db), quote(table));
@@ -184,12 +218,12 @@ pub(crate) async fn run(
     out: &bus::Sender,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<bool, CaptureError> {
-    let (view_file, view_pos) = begin(&mut conn, cap.server.mariadb).await?;
+    let view = begin(&mut conn, &cap.server).await?;
     // A resumed snapshot streams from the first view's position (see the module
     // doc of `mysql`); a new one from this view's.
-    let (file, pos, progress) = match checkpoint.as_ref() {
-        Some(cp) => (cp.file.clone(), cp.pos, cp.snapshot.clone()),
-        None => (view_file, view_pos, None),
+    let (file, pos, gtid, progress) = match checkpoint.as_ref() {
+        Some(cp) => (cp.file.clone(), cp.pos, cp.gtid.clone(), cp.snapshot.clone()),
+        None => (view.file, view.pos, view.gtid, None),
     };
     let file: Arc<str> = Arc::from(file.as_str());
     let snapshot_ts = super::now_ms();
@@ -206,7 +240,7 @@ pub(crate) async fn run(
         })?,
         None => 0,
     };
-    tracing::info!(tables = tables.len() - start, file = %file, pos, "mysql snapshot started");
+    tracing::info!(tables = tables.len() - start, file = %file, pos, gtid = gtid.as_deref().unwrap_or(""), "mysql snapshot started");
 
     for (t, (_, name)) in tables.iter().enumerate().skip(start) {
         let Some(mapping) = cap.mappings.get(name).cloned() else {
@@ -227,6 +261,12 @@ pub(crate) async fn run(
             _ => None,
         };
         let mut offset = 0u64;
+        // Progress for the log: rows read by this run of the table's snapshot.
+        let estimate = estimated_rows(&mut conn, &cap.db, name).await;
+        let mut done = 0u64;
+        let table_started = Instant::now();
+        let mut logged = Instant::now();
+        tracing::info!(table = %name, rows_estimate = estimate.unwrap_or(0), resumed = after.is_some(), "mysql snapshot of table started");
         loop {
             let sql = chunk_sql(&cap.db, &mapping.db, after.is_some(), offset);
             let params = after.as_deref().map_or_else(Vec::new, chunk_params);
@@ -236,6 +276,13 @@ pub(crate) async fn run(
             let more = rows.len() > BATCH_ROWS;
             rows.truncate(BATCH_ROWS);
             offset += rows.len() as u64;
+            done += rows.len() as u64;
+            if logged.elapsed() >= PROGRESS_EVERY {
+                logged = Instant::now();
+                let total = estimate.unwrap_or(0).max(done);
+                let percent = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+                tracing::info!(table = %name, rows = done, rows_estimate = total, percent = format!("{percent:.0}"), "mysql snapshot progress");
+            }
 
             let mut events = Vec::with_capacity(rows.len());
             let mut last_key: Option<Vec<MyValue>> = None;
@@ -290,11 +337,12 @@ pub(crate) async fn run(
             let cp = MysqlCheckpoint {
                 file: file.to_string(),
                 pos,
+                gtid: gtid.clone(),
                 skip: None,
                 snapshot: next,
                 origin: cap.origin,
             };
-            let batch = Batch { events, checkpoint: cp.token(), bytes: None };
+            let batch = Batch { events, checkpoint: cp.token(), bytes: None, caught_up_ms: None };
             if !send(out, shutdown, batch).await? {
                 return Ok(false);
             }
@@ -306,7 +354,8 @@ pub(crate) async fn run(
                 after = last_key;
             }
         }
-        tracing::info!(table = %name, "mysql snapshot of table finished");
+        let secs = table_started.elapsed().as_secs_f64();
+        tracing::info!(table = %name, rows = done, seconds = format!("{secs:.1}"), "mysql snapshot of table finished");
     }
     // The view only read; ending it releases its undo history.
     conn.query_drop("COMMIT").await.map_err(|e| driver_error(CTX, e))?;
@@ -316,12 +365,17 @@ pub(crate) async fn run(
         let cp = MysqlCheckpoint {
             file: file.to_string(),
             pos,
+            gtid: gtid.clone(),
             skip: None,
             snapshot: None,
             origin: cap.origin,
         };
-        if !send(out, shutdown, Batch { events: Vec::new(), checkpoint: cp.token(), bytes: None })
-            .await?
+        if !send(
+            out,
+            shutdown,
+            Batch { events: Vec::new(), checkpoint: cp.token(), bytes: None, caught_up_ms: None },
+        )
+        .await?
         {
             return Ok(false);
         }

@@ -44,7 +44,12 @@ fn run(
         let n = sizes.get(k % sizes.len().max(1)).copied().unwrap_or(1).max(1);
         k += 1;
         let batch: Vec<Event> = it.by_ref().take(n).collect();
-        p.process(Batch { events: batch, checkpoint: Checkpoint::default(), bytes: None });
+        p.process(Batch {
+            events: batch,
+            checkpoint: Checkpoint::default(),
+            bytes: None,
+            caught_up_ms: None,
+        });
         if emit {
             let _ = p.flush();
         }
@@ -129,7 +134,7 @@ fn product(pos: u64) -> String {
 
 fn feed(p: &mut Processor, spec: &PipelineSpec, lines: &[String]) {
     let events = lines.iter().map(|l| change(spec, l)).collect();
-    p.process(Batch { events, checkpoint: Checkpoint::default(), bytes: None });
+    p.process(Batch { events, checkpoint: Checkpoint::default(), bytes: None, caught_up_ms: None });
 }
 
 #[test]
