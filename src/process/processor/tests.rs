@@ -300,8 +300,12 @@ fn dedup_keeps_one_mark_per_transport_partition() {
         }
         e
     };
-    let batch =
-        |events: Vec<Event>| Batch { events, checkpoint: Checkpoint::default(), bytes: None };
+    let batch = |events: Vec<Event>| Batch {
+        events,
+        checkpoint: Checkpoint::default(),
+        bytes: None,
+        caught_up_ms: None,
+    };
     let mut p = Processor::new(spec.clone(), true);
     p.process(batch(vec![
         on(product(20), "erp_db.products/0"),
