@@ -113,9 +113,14 @@ pub struct Burst {
 
 #[derive(Debug, Clone)]
 pub enum StoreSpec {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
     /// `url` starts with `postgres://` or `postgresql://`; `stream` is not empty.
-    Postgres { url: String, stream: String },
+    Postgres {
+        url: String,
+        stream: String,
+    },
 }
 
 /// Cleaning and lookups of one table.
@@ -1171,5 +1176,25 @@ mod tests {
         assert_eq!(b.factor, 5.0);
         assert_eq!(b.every, Duration::from_secs(600));
         assert!(parse_burst("5x for 20m every 10m").is_none());
+    }
+
+    #[test]
+    fn postgres_store_urls_and_streams_are_checked() {
+        let parse = |store: &str| {
+            let text = format!(
+                "[source]\ntype = \"file\"\npath = \"x.jsonl\"\n[store]\n{store}\n\
+                 [tables.t]\nkey = [\"id\"]\ncolumns = {{ id = \"int\" }}\n"
+            );
+            crate::config::parse(std::path::Path::new("p.toml"), &text)
+        };
+        let spec = parse("type = \"postgres\"\nurl = \"postgresql://u@h:5/db\"").unwrap();
+        assert!(matches!(
+            spec.store,
+            Some(StoreSpec::Postgres { ref stream, .. }) if stream == "main"
+        ));
+        let err = parse("type = \"postgres\"\nurl = \"mysql://u@h/db\"\nstream = \" \"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.url") && err.contains("store.stream"), "{err}");
     }
 }

@@ -523,9 +523,12 @@ impl GoldTable {
             .into_iter()
             .map(str::to_owned)
             .collect::<Vec<_>>();
-        arrays.extend(outputs.iter().enumerate().map(|(i, (_, t))| {
-            format!("${}::{}[]", i + 4, t.sql().to_ascii_lowercase())
-        }));
+        arrays.extend(
+            outputs
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| format!("${}::{}[]", i + 4, t.sql().to_ascii_lowercase())),
+        );
         let names = columns[..columns.len() - 1]
             .iter()
             .map(|(n, _)| ident(n))
@@ -629,11 +632,8 @@ fn ident(name: &str) -> String {
 }
 
 fn create_sql(quoted: &str, columns: &[(String, &'static str)], key_list: &str) -> String {
-    let defs = columns
-        .iter()
-        .map(|(n, t)| format!("{} {t}", ident(n)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let defs =
+        columns.iter().map(|(n, t)| format!("{} {t}", ident(n))).collect::<Vec<_>>().join(", ");
     format!("CREATE TABLE IF NOT EXISTS {quoted} ({defs}, PRIMARY KEY ({key_list}))")
 }
 
@@ -1064,7 +1064,8 @@ fn silver_jobs<'a>(
     jobs: &mut Vec<Job<'a>>,
     copies: &mut Vec<(&'a SilverTable, Vec<&'a SilverRow>)>,
 ) -> Result<(), StoreError> {
-    let mut upserts: Vec<Vec<(&Key, &SilverRow)>> = plan.silver.iter().map(|_| Vec::new()).collect();
+    let mut upserts: Vec<Vec<(&Key, &SilverRow)>> =
+        plan.silver.iter().map(|_| Vec::new()).collect();
     let mut deletes: Vec<Vec<&Key>> = plan.silver.iter().map(|_| Vec::new()).collect();
     for change in &commit.silver {
         let t = plan.silver.get(change.table).ok_or_else(|| {
@@ -1172,8 +1173,11 @@ async fn copy_silver(
         writer.as_mut().write(&refs).await.map_err(|e| pg_error(e, what()))?;
     }
     writer.finish().await.map_err(|e| pg_error(e, what()))?;
-    let upsert = prepare(tx, cache, &t.stage_upsert, || format!("upsert into `{}`", t.table)).await?;
-    tx.execute(&upsert, &[]).await.map_err(|e| pg_error(e, format!("upsert into `{}`", t.table)))?;
+    let upsert =
+        prepare(tx, cache, &t.stage_upsert, || format!("upsert into `{}`", t.table)).await?;
+    tx.execute(&upsert, &[])
+        .await
+        .map_err(|e| pg_error(e, format!("upsert into `{}`", t.table)))?;
     Ok(())
 }
 
@@ -1395,7 +1399,9 @@ mod tests {
         for (v, ty) in cases {
             assert_eq!(format!("{:?}", round_trip(&v, ty.clone())), format!("{v:?}"), "{ty}");
         }
-        assert!(matches!(round_trip(&Value::Float(f64::NAN), Type::FLOAT8), Value::Float(f) if f.is_nan()));
+        assert!(
+            matches!(round_trip(&Value::Float(f64::NAN), Type::FLOAT8), Value::Float(f) if f.is_nan())
+        );
         assert_eq!(round_trip(&Value::Null, Type::INT8), Value::Null);
         // uint columns are NUMERIC(20,0) and read back as UInt.
         let big = round_trip(&Value::UInt(u64::MAX), Type::NUMERIC);
@@ -1407,7 +1413,8 @@ mod tests {
 
     #[test]
     fn decimals_keep_their_scale_and_floats_their_digits() {
-        let d = round_trip(&Value::Decimal(Decimal::from_str_exact("12.50").unwrap()), Type::NUMERIC);
+        let d =
+            round_trip(&Value::Decimal(Decimal::from_str_exact("12.50").unwrap()), Type::NUMERIC);
         assert_eq!(d.to_string(), "12.50");
         assert_eq!(round_trip(&Value::Float(2.5), Type::NUMERIC).to_string(), "2.5");
         assert_eq!(round_trip(&Value::Int(7), Type::NUMERIC).to_string(), "7");

@@ -57,24 +57,21 @@ impl Postgres {
         );
     }
 
-    /// The first column of the first row of `sql`, as text (None: no row or NULL).
+    /// The first column of the first row of `sql`, as text (None: no row, NULL, or
+    /// an error such as a table not created yet).
     /// Runs on a thread of its own, so async tests can call it too.
     pub fn query_text(&self, sql: &str) -> Option<String> {
-        std::thread::scope(|s| {
-            s.spawn(|| self.query_text_here(sql)).join().expect("query thread")
-        })
+        std::thread::scope(|s| s.spawn(|| self.query_text_here(sql)).join().expect("query thread"))
     }
 
     fn query_text_here(&self, sql: &str) -> Option<String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async {
             let (client, conn) =
                 tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.ok()?;
             tokio::spawn(conn);
-            let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("`{sql}`: {e}"));
+            let rows = client.simple_query(sql).await.ok()?;
             rows.iter().find_map(|m| match m {
                 tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
                 _ => None,
