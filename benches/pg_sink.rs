@@ -167,7 +167,9 @@ async fn main() {
     let copy = rate("plain COPY into an empty table (the limit)", rows, started);
     println!("sink insert / plain COPY: {:.0}%", 100.0 * insert / copy);
 
-    // 3. End to end.
+    // 3. End to end, in a database of its own (the rows above are not ERP data).
+    client.batch_execute("CREATE DATABASE e2e").await.expect("create database");
+    let e2e_url = format!("{}/e2e", url.strip_suffix("/postgres").expect("url ends in /postgres"));
     let workload = std::env::var_os("CAUDAL_WORKLOAD_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/workload"));
@@ -181,7 +183,7 @@ async fn main() {
     std::fs::write(&input, &out.stdout).expect("write workload");
     let mut spec = config::load(&erp).expect("erp.toml");
     spec.source = SourceSpec::File { path: input, follow: false };
-    spec.store = Some(StoreSpec::Postgres { url: url.clone(), stream: "e2e".into() });
+    spec.store = Some(StoreSpec::Postgres { url: e2e_url, stream: "e2e".into() });
     let summary = topology::run(
         Arc::new(spec),
         RunOptions { use_store: true, ..RunOptions::default() },
