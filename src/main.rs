@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use caudal::capture::{simulator, CaptureError};
 use caudal::config::{self, spec::SourceSpec, spec::StoreSpec, ConfigError, PipelineSpec};
-use caudal::store::{export, sqlite};
+use caudal::store::{export, postgres, sqlite};
 use caudal::topology::{self, Progress, RunOptions};
 
 // mimalloc: the processor allocates many small rows and strings; the system
@@ -58,7 +58,7 @@ enum Command {
         /// Overrides a file source's path.
         #[arg(long)]
         input: Option<PathBuf>,
-        /// Overrides the SQLite store path.
+        /// Overrides the store: a SQLite path, or a postgres:// URL.
         #[arg(long)]
         store: Option<PathBuf>,
         /// Decoding threads (default: one per core).
@@ -82,7 +82,8 @@ enum Command {
         /// Decoding threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
-        /// Also write everything to this SQLite store (default: compute only).
+        /// Also write everything to this store, a SQLite path or a postgres:// URL
+        /// (default: compute only).
         #[arg(long)]
         store: Option<PathBuf>,
         /// Skip the JSON-parse-only baseline.
@@ -91,6 +92,7 @@ enum Command {
     },
     /// Writes the stored gold and quarantine tables in the reference CSV format.
     Export {
+        /// A SQLite path or a postgres:// URL.
         #[arg(long)]
         store: PathBuf,
         #[arg(long)]
@@ -210,7 +212,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             if let Some(store) = store {
-                spec.store = Some(StoreSpec::Sqlite { path: store });
+                spec.store = Some(store_arg(store, spec.store.as_ref()));
             }
             let options = RunOptions {
                 threads: threads.unwrap_or_else(topology::default_threads),
@@ -248,11 +250,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Export { store, out, pipeline } => {
             let spec = load_or_default(pipeline.as_deref())?;
-            for (i, g) in spec.gold.iter().enumerate() {
-                let rows = sqlite::read_gold(&store, &spec, i)?;
-                export::write_gold(&out, g, rows)?;
+            match store_arg(store, None) {
+                StoreSpec::Sqlite { path } => {
+                    for (i, g) in spec.gold.iter().enumerate() {
+                        let rows = sqlite::read_gold(&path, &spec, i)?;
+                        export::write_gold(&out, g, rows)?;
+                    }
+                    export::write_quarantine_summary(
+                        &out,
+                        sqlite::read_quarantine_summary(&path)?,
+                    )?;
+                }
+                StoreSpec::Postgres { url, .. } => {
+                    let rt = runtime()?;
+                    for (i, g) in spec.gold.iter().enumerate() {
+                        let rows = rt.block_on(postgres::read_gold(&url, &spec, i))?;
+                        export::write_gold(&out, g, rows)?;
+                    }
+                    let summary = rt.block_on(postgres::read_quarantine_summary(&url))?;
+                    export::write_quarantine_summary(&out, summary)?;
+                }
             }
-            export::write_quarantine_summary(&out, sqlite::read_quarantine_summary(&store)?)?;
             println!(
                 "exported {} gold table(s) and the quarantine summary to {}",
                 spec.gold.len(),
@@ -412,6 +430,21 @@ async fn print_progress(spec: Arc<PipelineSpec>, mut rx: watch::Receiver<Progres
     }
 }
 
+/// `--store`: a PostgreSQL URL (keeping the stream the pipeline file names, if it
+/// names one) or else a SQLite path.
+fn store_arg(store: PathBuf, configured: Option<&StoreSpec>) -> StoreSpec {
+    match store.to_str() {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let stream = match configured {
+                Some(StoreSpec::Postgres { stream, .. }) => stream.clone(),
+                _ => postgres::DEFAULT_STREAM.to_owned(),
+            };
+            StoreSpec::Postgres { url: url.to_owned(), stream }
+        }
+        _ => StoreSpec::Sqlite { path: store },
+    }
+}
+
 fn bench(
     input: PathBuf,
     out: PathBuf,
@@ -423,7 +456,13 @@ fn bench(
     let mut spec = load_or_default(pipeline.as_deref())?;
     spec.source = SourceSpec::File { path: input.clone(), follow: false };
     let use_store = store.is_some();
-    spec.store = store.map(|path| StoreSpec::Sqlite { path });
+    let store = store.map(|path| store_arg(path, spec.store.as_ref()));
+    let store_name = match &store {
+        Some(StoreSpec::Postgres { .. }) => ", with PostgreSQL store",
+        Some(StoreSpec::Sqlite { .. }) => ", with SQLite store",
+        None => ", compute only (no store)",
+    };
+    spec.store = store;
     let threads = threads.unwrap_or_else(topology::default_threads);
     let bytes = std::fs::metadata(&input)
         .with_context(|| format!("cannot read `{}`", input.display()))?
@@ -451,7 +490,7 @@ fn bench(
         stats.events as f64 / secs,
         bytes as f64 / 1e6 / secs,
         threads,
-        if use_store { ", with SQLite store" } else { ", compute only (no store)" }
+        store_name
     );
     println!(
         "duplicates dropped: {}, unreadable lines: {}, peak memory: {:.0} MB",

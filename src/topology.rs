@@ -24,6 +24,7 @@ use crate::capture::{file::FileSource, simulator::SimulatorSource, CaptureError,
 use crate::config::spec::{PipelineSpec, SourceSpec, StoreSpec};
 use crate::event::output::Commit;
 use crate::process::{Processor, Stats};
+use crate::store::postgres::PostgresSink;
 use crate::store::{sqlite::SqliteSink, Sink, StoreError};
 
 /// Commits in flight between the processor and the sink: one being written, one
@@ -129,6 +130,9 @@ pub fn build_sink(spec: &Arc<PipelineSpec>) -> Result<Option<Box<dyn Sink>>, Sto
     match &spec.store {
         Some(StoreSpec::Sqlite { path }) => {
             Ok(Some(Box::new(SqliteSink::open(path, spec.clone())?)))
+        }
+        Some(StoreSpec::Postgres { url, stream }) => {
+            Ok(Some(Box::new(PostgresSink::new(url, spec.clone(), stream)?)))
         }
         None => Ok(None),
     }

@@ -10,4 +10,5 @@ mod config_errors;
 mod crash;
 mod end_to_end_mysql;
 mod gold;
+mod postgres_sink;
 mod simulate;

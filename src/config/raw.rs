@@ -80,6 +80,13 @@ pub enum RawSource {
 pub enum RawStore {
     /// An embedded SQLite file.
     Sqlite { path: String },
+    /// A PostgreSQL database, `postgres://USER@HOST:PORT/DATABASE`.
+    Postgres {
+        url: String,
+        /// Name the checkpoint is kept under, so that several workers can share one
+        /// database (default `"main"`).
+        stream: Option<String>,
+    },
 }
 
 #[derive(Debug, Deserialize)]

@@ -113,7 +113,14 @@ pub struct Burst {
 
 #[derive(Debug, Clone)]
 pub enum StoreSpec {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
+    /// `url` starts with `postgres://` or `postgresql://`; `stream` is not empty.
+    Postgres {
+        url: String,
+        stream: String,
+    },
 }
 
 /// Cleaning and lookups of one table.
@@ -305,10 +312,7 @@ impl PipelineSpec {
                 }
             }
         }
-        let store = raw
-            .store
-            .as_ref()
-            .map(|RawStore::Sqlite { path }| StoreSpec::Sqlite { path: path.into() });
+        let store = raw.store.as_ref().map(|s| store_spec(&mut p, s));
 
         // Schemas first: rules, lookups and gold refer to them by name.
         let mut schemas = Vec::new();
@@ -403,6 +407,32 @@ pub fn parse_burst(s: &str) -> Option<Burst> {
     let factor: f64 = factor.strip_suffix('x')?.parse().ok()?;
     let (length, every) = (parse_duration(length)?, parse_duration(every)?);
     (factor > 0.0 && length <= every).then_some(Burst { factor, length, every })
+}
+
+fn store_spec(p: &mut Problems, raw: &RawStore) -> StoreSpec {
+    match raw {
+        RawStore::Sqlite { path } => StoreSpec::Sqlite { path: path.into() },
+        RawStore::Postgres { url, stream } => {
+            // The URL is not echoed: it may hold a password.
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                p.hint(
+                    "store.url",
+                    None,
+                    "not a PostgreSQL URL",
+                    "postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                );
+            }
+            let stream = match stream {
+                Some(s) if s.trim().is_empty() => {
+                    p.add("store.stream", Some(quote(s)), "must not be empty");
+                    crate::store::postgres::DEFAULT_STREAM.to_owned()
+                }
+                Some(s) => s.clone(),
+                None => crate::store::postgres::DEFAULT_STREAM.to_owned(),
+            };
+            StoreSpec::Postgres { url: url.clone(), stream }
+        }
+    }
 }
 
 fn source_spec(p: &mut Problems, raw: &RawSource) -> SourceSpec {
@@ -1146,5 +1176,25 @@ mod tests {
         assert_eq!(b.factor, 5.0);
         assert_eq!(b.every, Duration::from_secs(600));
         assert!(parse_burst("5x for 20m every 10m").is_none());
+    }
+
+    #[test]
+    fn postgres_store_urls_and_streams_are_checked() {
+        let parse = |store: &str| {
+            let text = format!(
+                "[source]\ntype = \"file\"\npath = \"x.jsonl\"\n[store]\n{store}\n\
+                 [tables.t]\nkey = [\"id\"]\ncolumns = {{ id = \"int\" }}\n"
+            );
+            crate::config::parse(std::path::Path::new("p.toml"), &text)
+        };
+        let spec = parse("type = \"postgres\"\nurl = \"postgresql://u@h:5/db\"").unwrap();
+        assert!(matches!(
+            spec.store,
+            Some(StoreSpec::Postgres { ref stream, .. }) if stream == "main"
+        ));
+        let err = parse("type = \"postgres\"\nurl = \"mysql://u@h/db\"\nstream = \" \"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.url") && err.contains("store.stream"), "{err}");
     }
 }

@@ -676,7 +676,7 @@ fn typed_value(ty: ColumnType, v: ValueRef<'_>) -> Option<Value> {
 /// The group values as a JSON array: the gold row's identity within its window.
 /// Numbers are rendered as normalized decimals, so that groups equal as [`Value`]s
 /// (`2`, `2u`, `2.00`) map to the same row, as they do in processing.
-fn group_key(values: &[Value]) -> String {
+pub(crate) fn group_key(values: &[Value]) -> String {
     let mut out = String::with_capacity(2 + 16 * values.len());
     out.push('[');
     for (i, v) in values.iter().enumerate() {

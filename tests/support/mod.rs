@@ -107,3 +107,9 @@ pub fn export(store: &Path, out: &Path) {
     ok(caudal().arg("export").arg("--store").arg(store).arg("--out").arg(out));
 }
 pub mod mariadb;
+pub mod postgres;
+
+/// `caudal export` of a store given as a string (a path or a postgres:// URL).
+pub fn export_from(store: &str, out: &Path) {
+    ok(caudal().arg("export").arg("--store").arg(store).arg("--out").arg(out));
+}

@@ -1,0 +1,1422 @@
+//! The PostgreSQL sink: the tables of the SQLite sink, in a PostgreSQL database.
+//!
+//! # Tables
+//!
+//! The same names, columns and keys as [`super::sqlite`]:
+//!
+//! - `silver_<table>` for every table of the catalog: the declared columns in order,
+//!   then `_flags`, `_extra`, `_position`, `_source_ts_ms`, `_updated_at`; the
+//!   primary key is the table's key. A column declared later is added with
+//!   `ALTER TABLE ADD COLUMN`; nothing is ever dropped.
+//! - `gold_<name>` for every gold rule: `window_start`, `window_end`, `group_key`
+//!   (the group values as a JSON array, so that NULL groups still upsert), one column
+//!   per group and per measure, `<measure>_trend`, `updated_at`; the primary key is
+//!   `(window_start, group_key)`.
+//! - `quarantine` with the view `quarantine_summary` (open rows per reason).
+//! - `caudal_checkpoint`, keyed by `stream` (default `"main"`), so that several
+//!   workers can each keep their own offsets in one database.
+//!
+//! # Values
+//!
+//! Column types follow the declared types: `int` BIGINT, `uint` NUMERIC(20,0) (a
+//! BIGINT cannot hold 2^64-1), `float` DOUBLE PRECISION, `decimal` NUMERIC (exact,
+//! with its scale: `12.50` stays `12.50`), `string` TEXT, `json` TEXT (JSONB would
+//! reorder keys and reformat numbers, and processing compares the text it wrote),
+//! `bytes` BYTEA, timestamps TIMESTAMP (no zone, UTC), `date` DATE, `time` INTERVAL
+//! (MySQL TIME spans -838:59:59..838:59:59, which PostgreSQL's TIME cannot hold).
+//! Gold columns: `count` BIGINT, `sum`/`avg` and the trend NUMERIC, `min`/`max` and
+//! the groups TEXT (they can be any value; the text is the value's display form, the
+//! one exports print). TEXT cannot hold a NUL character: such a string is a definite
+//! error. Values go over the binary protocol, encoded here.
+//!
+//! # Transactions and throughput
+//!
+//! [`Sink::write`] applies a whole [`Commit`] in one transaction with the checkpoint
+//! and the processing state, like the SQLite sink. Per table, the commit's upserts
+//! go in one `INSERT .. SELECT FROM unnest($1, $2, ..) ON CONFLICT DO UPDATE` with one
+//! array per column, and its deletes in one `DELETE .. USING unnest(..)`, rows sorted
+//! by key so that concurrent writers lock in the same order. A table with more than
+//! [`COPY_MIN_ROWS`] upserts in one commit (the first commit of a replay) is loaded
+//! with a binary `COPY` into a temporary table, then one `INSERT .. SELECT .. ON
+//! CONFLICT`. All statements of a commit are pipelined: sent back to back, in order,
+//! without waiting for each answer, so a commit costs about one round trip plus the
+//! server's work. Statements are prepared once per connection.
+//!
+//! # Errors
+//!
+//! A refused, reset or closed connection, an administrator shutdown, a server
+//! starting up, a serialization failure or a deadlock is [`StoreError::Unavailable`]:
+//! the topology retries the commit, and the next call reconnects when the
+//! connection is closed. Anything else is `Definite`, with the SQLSTATE in the
+//! message.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use async_trait::async_trait;
+use bytes::{BufMut, BytesMut};
+use rust_decimal::Decimal;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
+use tokio_postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
+
+use super::sqlite::group_key;
+use super::{Ack, Recovered, Sink, StoreError};
+use crate::config::spec::{Agg, GoldSpec};
+use crate::config::PipelineSpec;
+use crate::event::output::{Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverRow, Stage};
+use crate::event::{Checkpoint, ColumnType, Key, Row, TableId, TableSchema, Value};
+
+/// The stream a sink writes its checkpoint under when none is configured.
+pub const DEFAULT_STREAM: &str = "main";
+/// Upserts of one table in one commit above which COPY beats `unnest` arrays (the
+/// temporary table and the extra statement cost about as much as a few thousand
+/// rows of array decoding).
+pub const COPY_MIN_ROWS: usize = 5_000;
+
+/// Microseconds from 1970-01-01 (caudal's epoch) to 2000-01-01 (PostgreSQL's).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+/// Days from 1970-01-01 to 2000-01-01.
+const PG_EPOCH_DAYS: i32 = 10_957;
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// Bookkeeping columns after the declared ones in every silver table (`_updated_at`
+/// is set by the server, the others come with the row).
+const SILVER_META: [(&str, ColumnType); 4] = [
+    ("_flags", ColumnType::String),
+    ("_extra", ColumnType::String),
+    ("_position", ColumnType::String),
+    ("_source_ts_ms", ColumnType::Int),
+];
+const GOLD_RESERVED: [&str; 4] = ["window_start", "window_end", "group_key", "updated_at"];
+/// The transaction's start time in UTC, for the `*_at` columns.
+const NOW: &str = "(now() AT TIME ZONE 'UTC')";
+/// Serializes schema changes of workers starting together (CREATE TABLE IF NOT
+/// EXISTS is not safe against a concurrent identical CREATE).
+const SCHEMA_LOCK: i64 = 0x6361_7564_616c; // "caudal"
+
+const BASE_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS "quarantine" (
+    "id" BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    "table_name" TEXT,
+    "row_key" TEXT,
+    "stage" TEXT NOT NULL,
+    "reason" TEXT NOT NULL,
+    "detail" TEXT,
+    "position" TEXT,
+    "origin" BIGINT,
+    "payload" TEXT,
+    "quarantined_at" TIMESTAMP NOT NULL,
+    "resolved_at" TIMESTAMP
+);
+CREATE INDEX IF NOT EXISTS "quarantine_open"
+    ON "quarantine" ("table_name", "row_key") WHERE "resolved_at" IS NULL;
+CREATE INDEX IF NOT EXISTS "quarantine_reason" ON "quarantine" ("reason");
+CREATE INDEX IF NOT EXISTS "quarantine_origin" ON "quarantine" ("origin");
+CREATE OR REPLACE VIEW "quarantine_summary" AS
+    SELECT "reason", COUNT(*) AS "rows" FROM "quarantine"
+    WHERE "resolved_at" IS NULL GROUP BY "reason";
+CREATE TABLE IF NOT EXISTS "caudal_checkpoint" (
+    "stream" TEXT PRIMARY KEY,
+    "checkpoint" TEXT NOT NULL,
+    "state" TEXT NOT NULL,
+    "event_count" BIGINT NOT NULL,
+    "updated_at" TIMESTAMP NOT NULL
+);
+"#;
+
+/// Opens a quarantine record without ever duplicating one (the rules of the SQLite
+/// sink's `open_quarantine`, in one statement): refresh the open record of the same
+/// row; else reopen the latest record of the same input; else insert.
+const QUARANTINE_OPEN: &str = r#"
+WITH "refreshed" AS (
+    UPDATE "quarantine" SET "stage" = $3, "reason" = $4, "detail" = $5, "position" = $6,
+        "origin" = $7, "payload" = $8
+    WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL
+        AND "table_name" = $1 AND "row_key" = $2 AND "resolved_at" IS NULL
+    RETURNING "id"
+), "same" AS (
+    SELECT "id", "resolved_at" IS NOT NULL AS "resolved" FROM "quarantine"
+    WHERE NOT EXISTS (SELECT 1 FROM "refreshed")
+        AND "origin" = $7 AND "table_name" IS NOT DISTINCT FROM $1
+        AND "row_key" IS NOT DISTINCT FROM $2 AND "stage" = $3 AND "reason" = $4
+        AND "payload" IS NOT DISTINCT FROM $8
+    ORDER BY "id" DESC LIMIT 1
+), "reopened" AS (
+    UPDATE "quarantine" SET "resolved_at" = NULL
+    WHERE "id" IN (SELECT "id" FROM "same" WHERE "resolved")
+    RETURNING "id"
+)
+INSERT INTO "quarantine" ("table_name", "row_key", "stage", "reason", "detail", "position",
+    "origin", "payload", "quarantined_at")
+SELECT $1, $2, $3, $4, $5, $6, $7::bigint, $8, (now() AT TIME ZONE 'UTC')
+WHERE NOT EXISTS (SELECT 1 FROM "refreshed") AND NOT EXISTS (SELECT 1 FROM "same")"#;
+const QUARANTINE_RESOLVE: &str = r#"UPDATE "quarantine"
+    SET "resolved_at" = (now() AT TIME ZONE 'UTC')
+    WHERE "table_name" = $1 AND "row_key" = $2 AND "resolved_at" IS NULL"#;
+const QUARANTINE_READ_OPEN: &str = r#"SELECT "id", "table_name", "row_key", "stage",
+    "reason", "detail", "position", "origin", "payload" FROM "quarantine"
+    WHERE "resolved_at" IS NULL ORDER BY "id""#;
+
+/// The event count only grows when the checkpoint moves (as in the SQLite sink).
+const CHECKPOINT_UPSERT: &str = r#"INSERT INTO "caudal_checkpoint"
+    ("stream", "checkpoint", "state", "event_count", "updated_at")
+    VALUES ($1, $2, $3, $4, (now() AT TIME ZONE 'UTC'))
+    ON CONFLICT ("stream") DO UPDATE SET
+        "event_count" = CASE WHEN "caudal_checkpoint"."checkpoint" = excluded."checkpoint"
+            THEN "caudal_checkpoint"."event_count"
+            ELSE "caudal_checkpoint"."event_count" + excluded."event_count" END,
+        "checkpoint" = excluded."checkpoint",
+        "state" = excluded."state",
+        "updated_at" = excluded."updated_at""#;
+const CHECKPOINT_READ: &str =
+    r#"SELECT "checkpoint", "state" FROM "caudal_checkpoint" WHERE "stream" = $1"#;
+
+/// A [`Sink`] writing to one PostgreSQL database.
+pub struct PostgresSink {
+    url: String,
+    stream: String,
+    plan: Arc<Plan>,
+    conn: Option<Conn>,
+}
+
+/// One connection and what was prepared on it.
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl PostgresSink {
+    /// A sink for database `url` keeping its checkpoint under `stream`. Connects
+    /// lazily: [`Sink::healthcheck`] opens the connection and creates the tables.
+    ///
+    /// # Errors
+    /// [`StoreError::Definite`] when a declared name clashes with a column the sink
+    /// reserves.
+    pub fn new(url: &str, spec: Arc<PipelineSpec>, stream: &str) -> Result<Self, StoreError> {
+        let plan = Arc::new(Plan::new(&spec)?);
+        Ok(Self { url: url.to_owned(), stream: stream.to_owned(), plan, conn: None })
+    }
+
+    /// The open connection, reconnecting when there is none or it was closed (a
+    /// server restart, a network error): the topology retries after `Unavailable`.
+    async fn conn(&mut self) -> Result<&mut Conn, StoreError> {
+        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            if self.conn.take().is_some() {
+                tracing::info!("reconnecting to postgres");
+            }
+            let client = connect(&self.url).await?;
+            self.conn = Some(Conn { client, statements: HashMap::new() });
+        }
+        self.conn.as_mut().ok_or_else(|| definite("no postgres connection".to_owned()))
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn healthcheck(&mut self) -> Result<(), StoreError> {
+        let plan = Arc::clone(&self.plan);
+        let conn = self.conn().await?;
+        create_schema(&mut conn.client, &plan).await
+    }
+
+    async fn recover(&mut self, tables: &[TableId]) -> Result<Recovered, StoreError> {
+        let plan = Arc::clone(&self.plan);
+        let stream = self.stream.clone();
+        let conn = self.conn().await?;
+        recover(&mut conn.client, &plan, &stream, tables).await
+    }
+
+    async fn write(&mut self, commit: Arc<Commit>) -> Result<Ack, StoreError> {
+        let plan = Arc::clone(&self.plan);
+        let stream = self.stream.clone();
+        let conn = self.conn().await?;
+        write(conn, &plan, &stream, &commit).await
+    }
+}
+
+/// Opens a connection and drives it on a task of its own.
+async fn connect(url: &str) -> Result<Client, StoreError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| pg_error(e, "connect to postgres".to_owned()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+// ---- exports ----------------------------------------------------------------
+
+/// A gold row as exports read it: (window start in epoch microseconds, group values,
+/// measure values without the trend column).
+pub type GoldRow = (i64, Vec<Value>, Vec<Value>);
+
+/// Reads the rows of gold rule `gold` from database `url`, ordered by window start
+/// then the group columns. Groups come back as text, measures as stored (`count`
+/// as `Int`, `sum`/`avg` as `Decimal` with their scale).
+///
+/// # Errors
+/// When the database cannot be reached (`Unavailable`) or the table read.
+pub async fn read_gold(
+    url: &str,
+    spec: &PipelineSpec,
+    gold: usize,
+) -> Result<Vec<GoldRow>, StoreError> {
+    let g = spec.gold.get(gold).ok_or_else(|| {
+        definite(format!("no gold rule {gold}: the pipeline has {}", spec.gold.len()))
+    })?;
+    let table = GoldTable::new(g)?;
+    let client = connect(url).await?;
+    let context = || format!("select from `{}`", table.table);
+    let rows = client.query(&table.select, &[]).await.map_err(|e| pg_error(e, context()))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut values = Vec::with_capacity(1 + table.groups + table.reported);
+        for i in 0..=table.groups + table.reported {
+            values.push(row.try_get::<_, Cell>(i).map_err(|e| pg_error(e, context()))?.0);
+        }
+        let Value::Timestamp(start) = values.remove(0) else {
+            return Err(definite(format!(
+                "`{}` has a `window_start` that is not a timestamp",
+                table.table
+            )));
+        };
+        let measures = values.split_off(table.groups);
+        out.push((start, values, measures));
+    }
+    Ok(out)
+}
+
+/// Open quarantine rows per reason in database `url`, ordered by reason.
+///
+/// # Errors
+/// When the database cannot be reached (`Unavailable`) or the view read.
+pub async fn read_quarantine_summary(url: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    let client = connect(url).await?;
+    let context = || "select from `quarantine_summary`".to_owned();
+    let rows = client
+        .query(r#"SELECT "reason", "rows" FROM "quarantine_summary" ORDER BY "reason""#, &[])
+        .await
+        .map_err(|e| pg_error(e, context()))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let reason: String = row.try_get(0).map_err(|e| pg_error(e, context()))?;
+        let n: i64 = row.try_get(1).map_err(|e| pg_error(e, context()))?;
+        out.push((reason, u64::try_from(n).unwrap_or(0)));
+    }
+    Ok(out)
+}
+
+// ---- plan: the SQL of every table, built once from the spec -----------------
+
+struct Plan {
+    silver: Vec<SilverTable>,
+    gold: Vec<GoldTable>,
+}
+
+impl Plan {
+    fn new(spec: &PipelineSpec) -> Result<Self, StoreError> {
+        let silver =
+            spec.catalog.tables().iter().map(SilverTable::new).collect::<Result<_, _>>()?;
+        let gold = spec.gold.iter().map(GoldTable::new).collect::<Result<_, _>>()?;
+        Ok(Self { silver, gold })
+    }
+}
+
+struct SilverTable {
+    /// `silver_<name>`, unquoted, for messages.
+    table: String,
+    types: Vec<ColumnType>,
+    /// Indexes of the key columns.
+    key: Vec<usize>,
+    /// Every column with its SQL type, for creating and evolving the table.
+    columns: Vec<(String, &'static str)>,
+    key_names: Vec<String>,
+    create: String,
+    /// Upsert of rows given as one array per data column.
+    upsert: String,
+    /// Delete of keys given as one array per key column.
+    delete: String,
+    /// The temporary table COPY loads, its COPY and its upsert.
+    stage_create: String,
+    stage_copy: String,
+    stage_upsert: String,
+    /// Wire types of the data columns (declared then bookkeeping), for COPY.
+    wire: Vec<Type>,
+    select: String,
+}
+
+impl SilverTable {
+    fn new(schema: &TableSchema) -> Result<Self, StoreError> {
+        let table = format!("silver_{}", schema.name);
+        for c in &schema.columns {
+            if SILVER_META.iter().any(|(m, _)| m.eq_ignore_ascii_case(&c.name))
+                || c.name.eq_ignore_ascii_case("_updated_at")
+            {
+                return Err(definite(format!(
+                    "table `{}` declares column `{}`, a name the postgres store reserves",
+                    schema.name, c.name
+                )));
+            }
+        }
+        // Data columns: what each row carries, in binding order.
+        let mut data: Vec<(String, ColumnType)> =
+            schema.columns.iter().map(|c| (c.name.to_string(), c.ty)).collect();
+        data.extend(SILVER_META.iter().map(|(n, t)| ((*n).to_owned(), *t)));
+        let mut columns: Vec<(String, &'static str)> =
+            data.iter().map(|(n, t)| (n.clone(), sql_type(*t))).collect();
+        columns.push(("_updated_at".to_owned(), "TIMESTAMP"));
+        let key_names: Vec<String> =
+            schema.key.iter().map(|&k| schema.columns[k].name.to_string()).collect();
+        let quoted = ident(&table);
+        let key_list = key_names.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ");
+        let create = create_sql(&quoted, &columns, &key_list);
+        let names = data.iter().map(|(n, _)| ident(n)).collect::<Vec<_>>().join(", ");
+        let arrays = data
+            .iter()
+            .enumerate()
+            .map(|(i, (_, t))| format!("${}::{}[]", i + 1, array_type(*t)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let updates = columns
+            .iter()
+            .filter(|(n, _)| !key_names.contains(n))
+            .map(|(n, _)| format!("{0} = excluded.{0}", ident(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let conflict = format!("ON CONFLICT ({key_list}) DO UPDATE SET {updates}");
+        let upsert = format!(
+            "INSERT INTO {quoted} ({names}, \"_updated_at\") \
+             SELECT *, {NOW} FROM unnest({arrays}) {conflict}"
+        );
+        let key_types: Vec<ColumnType> = schema.key.iter().map(|&k| schema.columns[k].ty).collect();
+        let key_arrays = key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::{}[]", i + 1, array_type(*t)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let matches = key_names
+            .iter()
+            .map(|k| format!("t.{0} = d.{0}", ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let delete = format!(
+            "DELETE FROM {quoted} AS t USING unnest({key_arrays}) AS d({key_list}) WHERE {matches}"
+        );
+        let stage = ident(&format!("caudal_stage_{table}"));
+        let stage_defs = data
+            .iter()
+            .map(|(n, t)| format!("{} {}", ident(n), sql_type(*t)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stage_create =
+            format!("CREATE TEMP TABLE IF NOT EXISTS {stage} ({stage_defs}) ON COMMIT DELETE ROWS");
+        let stage_copy = format!("COPY {stage} ({names}) FROM STDIN (FORMAT binary)");
+        let stage_upsert = format!(
+            "INSERT INTO {quoted} ({names}, \"_updated_at\") \
+             SELECT {names}, {NOW} FROM {stage} {conflict}"
+        );
+        let declared = schema.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>();
+        let select = format!("SELECT {} FROM {quoted}", declared.join(", "));
+        Ok(Self {
+            table,
+            types: schema.columns.iter().map(|c| c.ty).collect(),
+            key: schema.key.clone(),
+            wire: data.iter().map(|(_, t)| wire_type(*t)).collect(),
+            columns,
+            key_names,
+            create,
+            upsert,
+            delete,
+            stage_create,
+            stage_copy,
+            stage_upsert,
+            select,
+        })
+    }
+}
+
+/// How a gold output column is typed.
+#[derive(Debug, Clone, Copy)]
+enum GoldType {
+    Int,
+    Numeric,
+    Text,
+}
+
+impl GoldType {
+    fn sql(self) -> &'static str {
+        match self {
+            GoldType::Int => "BIGINT",
+            GoldType::Numeric => "NUMERIC",
+            GoldType::Text => "TEXT",
+        }
+    }
+}
+
+struct GoldTable {
+    /// `gold_<name>`, unquoted, for messages.
+    table: String,
+    groups: usize,
+    /// Measure columns including the trend column.
+    measures: usize,
+    /// Measure columns without the trend column (what exports report).
+    reported: usize,
+    window_micros: i64,
+    columns: Vec<(String, &'static str)>,
+    create: String,
+    upsert: String,
+    delete: String,
+    clear: String,
+    select: String,
+}
+
+impl GoldTable {
+    fn new(g: &GoldSpec) -> Result<Self, StoreError> {
+        let table = format!("gold_{}", g.name);
+        let mut outputs: Vec<(String, GoldType)> =
+            g.group_by.iter().map(|(n, _)| (n.clone(), GoldType::Text)).collect();
+        outputs.extend(g.measures.iter().map(|m| {
+            let ty = match m.agg {
+                Agg::Count => GoldType::Int,
+                // Sums of integer columns are integers, the others exact decimals.
+                Agg::Sum | Agg::Avg => GoldType::Numeric,
+                Agg::Min | Agg::Max => GoldType::Text,
+            };
+            (m.name.clone(), ty)
+        }));
+        if let Some(t) = g.trend.and_then(|t| g.measures.get(t)) {
+            outputs.push((format!("{}_trend", t.name), GoldType::Numeric));
+        }
+        for (i, (name, _)) in outputs.iter().enumerate() {
+            let clash = GOLD_RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
+                || outputs[..i].iter().any(|(o, _)| o.eq_ignore_ascii_case(name));
+            if clash {
+                return Err(definite(format!(
+                    "gold `{}` has an output column `{name}` that clashes with another column",
+                    g.name
+                )));
+            }
+        }
+        let mut columns: Vec<(String, &'static str)> = vec![
+            ("window_start".to_owned(), "TIMESTAMP NOT NULL"),
+            ("window_end".to_owned(), "TIMESTAMP NOT NULL"),
+            ("group_key".to_owned(), "TEXT NOT NULL"),
+        ];
+        columns.extend(outputs.iter().map(|(n, t)| (n.clone(), t.sql())));
+        columns.push(("updated_at".to_owned(), "TIMESTAMP"));
+        let quoted = ident(&table);
+        let create = create_sql(&quoted, &columns, r#""window_start", "group_key""#);
+        let mut arrays = vec!["$1::timestamp[]", "$2::timestamp[]", "$3::text[]"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        arrays.extend(
+            outputs
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| format!("${}::{}[]", i + 4, t.sql().to_ascii_lowercase())),
+        );
+        let names = columns[..columns.len() - 1]
+            .iter()
+            .map(|(n, _)| ident(n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let updates = columns
+            .iter()
+            .skip(1)
+            .filter(|(n, _)| n != "group_key")
+            .map(|(n, _)| format!("{0} = excluded.{0}", ident(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let upsert = format!(
+            "INSERT INTO {quoted} ({names}, \"updated_at\") SELECT *, {NOW} FROM unnest({}) \
+             ON CONFLICT (\"window_start\", \"group_key\") DO UPDATE SET {updates}",
+            arrays.join(", ")
+        );
+        let delete = format!(
+            "DELETE FROM {quoted} AS t USING unnest($1::timestamp[], $2::text[]) AS d(s, k) \
+             WHERE t.\"window_start\" = d.s AND t.\"group_key\" = d.k"
+        );
+        let clear = format!("DELETE FROM {quoted}");
+        let groups: Vec<String> = g.group_by.iter().map(|(n, _)| ident(n)).collect();
+        let measures: Vec<String> = g.measures.iter().map(|m| ident(&m.name)).collect();
+        let mut order = vec![r#""window_start""#.to_owned()];
+        order.extend(groups.iter().cloned());
+        let mut selected = order.clone();
+        selected.extend(measures);
+        let select =
+            format!("SELECT {} FROM {quoted} ORDER BY {}", selected.join(", "), order.join(", "));
+        Ok(Self {
+            table,
+            groups: g.group_by.len(),
+            measures: outputs.len() - g.group_by.len(),
+            reported: g.measures.len(),
+            window_micros: g.window_micros,
+            columns,
+            create,
+            upsert,
+            delete,
+            clear,
+            select,
+        })
+    }
+}
+
+fn sql_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Bool => "BOOLEAN",
+        ColumnType::Int => "BIGINT",
+        ColumnType::UInt => "NUMERIC(20,0)",
+        ColumnType::Float => "DOUBLE PRECISION",
+        ColumnType::Decimal => "NUMERIC",
+        ColumnType::String | ColumnType::Json => "TEXT",
+        ColumnType::Bytes => "BYTEA",
+        ColumnType::TimestampMillis | ColumnType::TimestampMicros | ColumnType::TimestampZoned => {
+            "TIMESTAMP"
+        }
+        ColumnType::Date => "DATE",
+        ColumnType::Time => "INTERVAL",
+    }
+}
+
+/// The element type of an array parameter of a column of type `ty`.
+fn array_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::UInt => "numeric",
+        ColumnType::Float => "float8",
+        other => match sql_type(other) {
+            "BOOLEAN" => "boolean",
+            "BIGINT" => "bigint",
+            "NUMERIC" => "numeric",
+            "BYTEA" => "bytea",
+            "TIMESTAMP" => "timestamp",
+            "DATE" => "date",
+            "INTERVAL" => "interval",
+            _ => "text",
+        },
+    }
+}
+
+fn wire_type(ty: ColumnType) -> Type {
+    match ty {
+        ColumnType::Bool => Type::BOOL,
+        ColumnType::Int => Type::INT8,
+        ColumnType::UInt | ColumnType::Decimal => Type::NUMERIC,
+        ColumnType::Float => Type::FLOAT8,
+        ColumnType::String | ColumnType::Json => Type::TEXT,
+        ColumnType::Bytes => Type::BYTEA,
+        ColumnType::TimestampMillis | ColumnType::TimestampMicros | ColumnType::TimestampZoned => {
+            Type::TIMESTAMP
+        }
+        ColumnType::Date => Type::DATE,
+        ColumnType::Time => Type::INTERVAL,
+    }
+}
+
+/// A double-quoted SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn create_sql(quoted: &str, columns: &[(String, &'static str)], key_list: &str) -> String {
+    let defs =
+        columns.iter().map(|(n, t)| format!("{} {t}", ident(n))).collect::<Vec<_>>().join(", ");
+    format!("CREATE TABLE IF NOT EXISTS {quoted} ({defs}, PRIMARY KEY ({key_list}))")
+}
+
+// ---- errors -----------------------------------------------------------------
+
+fn definite(message: String) -> StoreError {
+    StoreError::Definite { message, source: None }
+}
+
+/// Whether retrying on a new connection can succeed.
+fn is_transient(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    if let Some(code) = err.code() {
+        return [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ]
+        .contains(code)
+            // Class 08: connection exceptions.
+            || code.code().starts_with("08");
+    }
+    // No SQLSTATE: refused, reset or timed out at the socket.
+    std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>())
+}
+
+fn pg_error(err: tokio_postgres::Error, context: String) -> StoreError {
+    let transient = is_transient(&err);
+    let message = match (err.code(), err.as_db_error()) {
+        (Some(code), Some(db)) => format!("{context}: {} (SQLSTATE {})", db.message(), code.code()),
+        (Some(code), None) => format!("{context} (SQLSTATE {})", code.code()),
+        _ => context,
+    };
+    let source = Some(Box::new(err) as Box<dyn std::error::Error + Send + Sync>);
+    if transient {
+        StoreError::Unavailable { message, source }
+    } else {
+        StoreError::Definite { message, source }
+    }
+}
+
+// ---- values ----------------------------------------------------------------
+
+/// A parameter, encoded in the binary format of the column type the server expects.
+#[derive(Debug, Clone, Copy)]
+enum Param<'a> {
+    Value(&'a Value),
+    Int(i64),
+    Text(Option<&'a str>),
+    /// Epoch microseconds.
+    Timestamp(i64),
+}
+
+type BoxError = Box<dyn std::error::Error + Sync + Send>;
+
+impl ToSql for Param<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+        match *self {
+            Param::Value(v) => encode(v, ty, out),
+            Param::Int(i) => encode(&Value::Int(i), ty, out),
+            Param::Text(None) => Ok(IsNull::Yes),
+            Param::Text(Some(s)) => {
+                out.put_slice(s.as_bytes());
+                Ok(IsNull::No)
+            }
+            Param::Timestamp(t) => encode(&Value::Timestamp(t), ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+fn mismatch(v: &Value, ty: &Type) -> BoxError {
+    let kind = match v {
+        Value::Null => "a null",
+        Value::Bool(_) => "a bool",
+        Value::Int(_) => "an int",
+        Value::UInt(_) => "a uint",
+        Value::Float(_) => "a float",
+        Value::Decimal(_) => "a decimal",
+        Value::Str(_) => "a string",
+        Value::Json(_) => "a json",
+        Value::Bytes(_) => "a bytes",
+        Value::Timestamp(_) => "a timestamp",
+        Value::Date(_) => "a date",
+        Value::Time(_) => "a time",
+    };
+    format!("cannot store {kind} value in a {ty} column").into()
+}
+
+fn encode(v: &Value, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
+    if matches!(v, Value::Null) {
+        return Ok(IsNull::Yes);
+    }
+    match *ty {
+        Type::TEXT | Type::VARCHAR => match v {
+            Value::Str(s) | Value::Json(s) => out.put_slice(s.as_bytes()),
+            // Gold groups and min/max: the display form, as exports print it.
+            other => out.put_slice(other.to_string().as_bytes()),
+        },
+        Type::INT8 => match v {
+            Value::Int(i) => out.put_i64(*i),
+            Value::UInt(u) => out.put_i64(i64::try_from(*u).map_err(|_| mismatch(v, ty))?),
+            Value::Bool(b) => out.put_i64(i64::from(*b)),
+            _ => return Err(mismatch(v, ty)),
+        },
+        Type::NUMERIC => {
+            let d = match v {
+                Value::Decimal(d) => *d,
+                Value::Int(i) => Decimal::from(*i),
+                Value::UInt(u) => Decimal::from(*u),
+                // The shortest text that reads back as the same float, exactly.
+                Value::Float(f) if f.is_finite() => {
+                    Decimal::from_str_exact(&f.to_string()).map_err(|_| mismatch(v, ty))?
+                }
+                _ => return Err(mismatch(v, ty)),
+            };
+            return d.to_sql(ty, out);
+        }
+        Type::FLOAT8 => match v {
+            Value::Float(f) => out.put_f64(*f),
+            Value::Int(i) => out.put_f64(*i as f64),
+            _ => return Err(mismatch(v, ty)),
+        },
+        Type::BOOL => match v {
+            Value::Bool(b) => out.put_u8(u8::from(*b)),
+            Value::Int(i) => out.put_u8(u8::from(*i != 0)),
+            _ => return Err(mismatch(v, ty)),
+        },
+        Type::BYTEA => match v {
+            Value::Bytes(b) => out.put_slice(b),
+            _ => return Err(mismatch(v, ty)),
+        },
+        Type::TIMESTAMP => match v {
+            Value::Timestamp(t) => {
+                out.put_i64(t.checked_sub(PG_EPOCH_MICROS).ok_or_else(|| mismatch(v, ty))?)
+            }
+            _ => return Err(mismatch(v, ty)),
+        },
+        Type::DATE => match v {
+            Value::Date(d) => {
+                out.put_i32(d.checked_sub(PG_EPOCH_DAYS).ok_or_else(|| mismatch(v, ty))?)
+            }
+            _ => return Err(mismatch(v, ty)),
+        },
+        Type::INTERVAL => match v {
+            // All in the microseconds field: days and months are calendar units.
+            Value::Time(t) => {
+                out.put_i64(*t);
+                out.put_i32(0);
+                out.put_i32(0);
+            }
+            _ => return Err(mismatch(v, ty)),
+        },
+        _ => return Err(mismatch(v, ty)),
+    }
+    Ok(IsNull::No)
+}
+
+/// A value read back by its PostgreSQL type.
+struct Cell(Value);
+
+impl<'a> FromSql<'a> for Cell {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        fn be<const N: usize>(raw: &[u8]) -> Result<[u8; N], BoxError> {
+            raw.try_into().map_err(|_| format!("expected {N} bytes, got {}", raw.len()).into())
+        }
+        Ok(Cell(match *ty {
+            Type::BOOL => Value::Bool(be::<1>(raw)?[0] != 0),
+            Type::INT2 => Value::Int(i64::from(i16::from_be_bytes(be(raw)?))),
+            Type::INT4 => Value::Int(i64::from(i32::from_be_bytes(be(raw)?))),
+            Type::INT8 => Value::Int(i64::from_be_bytes(be(raw)?)),
+            Type::FLOAT8 => Value::Float(f64::from_be_bytes(be(raw)?)),
+            Type::NUMERIC => Value::Decimal(Decimal::from_sql(ty, raw)?),
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+                Value::Str(std::str::from_utf8(raw)?.into())
+            }
+            Type::BYTEA => Value::Bytes(raw.into()),
+            Type::TIMESTAMP => Value::Timestamp(
+                i64::from_be_bytes(be(raw)?)
+                    .checked_add(PG_EPOCH_MICROS)
+                    .ok_or("timestamp out of range")?,
+            ),
+            Type::DATE => Value::Date(
+                i32::from_be_bytes(be(raw)?)
+                    .checked_add(PG_EPOCH_DAYS)
+                    .ok_or("date out of range")?,
+            ),
+            Type::INTERVAL => {
+                let raw = be::<16>(raw)?;
+                let micros = i64::from_be_bytes(be(&raw[..8])?);
+                let days = i64::from(i32::from_be_bytes(be(&raw[8..12])?));
+                let months = i64::from(i32::from_be_bytes(be(&raw[12..])?));
+                let total = (days + 30 * months)
+                    .checked_mul(DAY_MICROS)
+                    .and_then(|d| d.checked_add(micros))
+                    .ok_or("interval out of range")?;
+                Value::Time(total)
+            }
+            _ => return Err(format!("cannot read a {ty} column").into()),
+        }))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, BoxError> {
+        Ok(Cell(Value::Null))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// A stored value as the column's declared type reads it (the variants the SQLite
+/// sink gives back); one that does not fit comes back as stored.
+fn typed(ty: ColumnType, v: Value) -> Value {
+    match (ty, v) {
+        (ColumnType::UInt, Value::Decimal(d)) => u64::try_from(d)
+            .ok()
+            .filter(|u| Decimal::from(*u) == d)
+            .map_or(Value::Decimal(d), Value::UInt),
+        (ColumnType::Json, Value::Str(s)) => Value::Json(s),
+        (_, v) => v,
+    }
+}
+
+// ---- schema -----------------------------------------------------------------
+
+async fn create_schema(client: &mut Client, plan: &Plan) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(|e| pg_error(e, "begin schema".to_owned()))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await
+        .map_err(|e| pg_error(e, "lock the schema".to_owned()))?;
+    tx.batch_execute(BASE_SCHEMA)
+        .await
+        .map_err(|e| pg_error(e, "create `quarantine` and `caudal_checkpoint`".to_owned()))?;
+    for t in &plan.silver {
+        ensure_table(&tx, &t.table, &t.create, &t.columns, &t.key_names).await?;
+    }
+    let gold_key = ["window_start".to_owned(), "group_key".to_owned()];
+    for g in &plan.gold {
+        ensure_table(&tx, &g.table, &g.create, &g.columns, &gold_key).await?;
+    }
+    tx.commit().await.map_err(|e| pg_error(e, "commit schema".to_owned()))
+}
+
+/// Creates `table`, or adds the columns it lacks. A different primary key cannot be
+/// evolved in place (the upserts would not match it), so it is an error.
+async fn ensure_table(
+    tx: &Transaction<'_>,
+    table: &str,
+    create: &str,
+    columns: &[(String, &'static str)],
+    key: &[String],
+) -> Result<(), StoreError> {
+    tx.batch_execute(create).await.map_err(|e| pg_error(e, format!("create `{table}`")))?;
+    let context = || format!("read the columns of `{table}`");
+    let existing: Vec<String> = tx
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1",
+            &[&table],
+        )
+        .await
+        .map_err(|e| pg_error(e, context()))?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(|e| pg_error(e, context()))?;
+    let pk: Vec<String> = tx
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary \
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&ident(table)],
+        )
+        .await
+        .map_err(|e| pg_error(e, context()))?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(|e| pg_error(e, context()))?;
+    if pk != key {
+        let stored = pk.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        let declared = key.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        return Err(definite(format!(
+            "`{table}` has primary key ({stored}) but the pipeline declares ({declared}); \
+             rename or drop the table to change its key"
+        )));
+    }
+    for (name, decl) in columns {
+        if existing.iter().any(|n| n == name) {
+            continue;
+        }
+        let sql = format!("ALTER TABLE {} ADD COLUMN {} {decl}", ident(table), ident(name));
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| pg_error(e, format!("add column `{name}` to `{table}`")))?;
+        tracing::info!(table, column = %name, "added a newly declared column");
+    }
+    Ok(())
+}
+
+// ---- write ------------------------------------------------------------------
+
+/// One statement of a commit with its parameters.
+struct Job<'a> {
+    what: String,
+    sql: &'a str,
+    params: Vec<Box<dyn ToSql + Sync + Send + 'a>>,
+}
+
+async fn write(
+    conn: &mut Conn,
+    plan: &Plan,
+    stream: &str,
+    commit: &Commit,
+) -> Result<Ack, StoreError> {
+    let Conn { client, statements } = conn;
+    // Gold group keys are built here and borrowed by the parameters.
+    let gold_keys: Vec<String> = commit.gold.iter().map(|c| group_key(&c.group)).collect();
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    let mut copies: Vec<(&SilverTable, Vec<&SilverRow>)> = Vec::new();
+    silver_jobs(plan, commit, &mut jobs, &mut copies)?;
+    if commit.gold_reset {
+        for g in &plan.gold {
+            jobs.push(Job { what: format!("clear `{}`", g.table), sql: &g.clear, params: vec![] });
+        }
+    }
+    gold_jobs(plan, &commit.gold, &gold_keys, &mut jobs)?;
+    for op in &commit.quarantine {
+        jobs.push(quarantine_job(op));
+    }
+    jobs.push(Job {
+        what: "upsert into `caudal_checkpoint`".to_owned(),
+        sql: CHECKPOINT_UPSERT,
+        params: vec![
+            Box::new(stream),
+            Box::new(commit.checkpoint.0.as_str()),
+            Box::new(commit.state.as_str()),
+            Box::new(i64::try_from(commit.event_count).unwrap_or(i64::MAX)),
+        ],
+    });
+
+    let tx = client.transaction().await.map_err(|e| pg_error(e, "begin commit".to_owned()))?;
+    for (t, rows) in &copies {
+        copy_silver(&tx, statements, t, rows).await?;
+    }
+    let mut prepared = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        prepared.push(prepare(&tx, statements, job.sql, || job.what.clone()).await?);
+    }
+    let tx_ref = &tx;
+    let futures: Vec<PinnedJob<'_>> = jobs
+        .iter()
+        .zip(&prepared)
+        .map(|(job, stmt)| {
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                job.params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+            Box::pin(async move {
+                tx_ref.execute(stmt, &refs).await.map_err(|e| pg_error(e, job.what.clone()))
+            }) as PinnedJob<'_>
+        })
+        .collect();
+    pipelined(futures).await?;
+    tx.commit().await.map_err(|e| pg_error(e, "commit".to_owned()))?;
+    Ok(Ack { checkpoint: commit.checkpoint.clone(), event_count: commit.event_count })
+}
+
+type PinnedJob<'f> = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send + 'f>>;
+
+/// Runs statements pipelined: every future is first polled in order, which is when
+/// tokio-postgres sends its request, so the server receives and runs them in order
+/// while the client waits once. Returns the first error (later statements then fail
+/// too: the transaction is aborted).
+async fn pipelined(mut futures: Vec<PinnedJob<'_>>) -> Result<(), StoreError> {
+    let mut done = vec![false; futures.len()];
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, d) in futures.iter_mut().zip(done.iter_mut()) {
+            if *d {
+                continue;
+            }
+            match f.as_mut().poll(cx) {
+                Poll::Ready(Ok(_)) => *d = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => pending = true,
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    })
+    .await
+}
+
+/// The statement for `sql`, prepared on this connection once.
+async fn prepare(
+    tx: &Transaction<'_>,
+    cache: &mut HashMap<String, Statement>,
+    sql: &str,
+    what: impl FnOnce() -> String,
+) -> Result<Statement, StoreError> {
+    if let Some(s) = cache.get(sql) {
+        return Ok(s.clone());
+    }
+    let stmt = tx.prepare(sql).await.map_err(|e| pg_error(e, format!("prepare {}", what())))?;
+    cache.insert(sql.to_owned(), stmt.clone());
+    Ok(stmt)
+}
+
+/// Per table: the commit's deletes as one statement, its upserts as one statement
+/// (or a COPY when there are many), each sorted by key.
+fn silver_jobs<'a>(
+    plan: &'a Plan,
+    commit: &'a Commit,
+    jobs: &mut Vec<Job<'a>>,
+    copies: &mut Vec<(&'a SilverTable, Vec<&'a SilverRow>)>,
+) -> Result<(), StoreError> {
+    let mut upserts: Vec<Vec<(&Key, &SilverRow)>> =
+        plan.silver.iter().map(|_| Vec::new()).collect();
+    let mut deletes: Vec<Vec<&Key>> = plan.silver.iter().map(|_| Vec::new()).collect();
+    for change in &commit.silver {
+        let t = plan.silver.get(change.table).ok_or_else(|| {
+            definite(format!("silver change of unknown table id {}", change.table))
+        })?;
+        match &change.row {
+            Some(row) => {
+                if row.values.len() != t.types.len() {
+                    return Err(definite(format!(
+                        "a row for `{}` has {} values but the table declares {} columns",
+                        t.table,
+                        row.values.len(),
+                        t.types.len()
+                    )));
+                }
+                upserts[change.table].push((&change.key, row));
+            }
+            None => deletes[change.table].push(&change.key),
+        }
+    }
+    for (id, t) in plan.silver.iter().enumerate() {
+        let mut keys = std::mem::take(&mut deletes[id]);
+        if !keys.is_empty() {
+            keys.sort_unstable();
+            let mut columns: Vec<Vec<Param<'a>>> =
+                t.key.iter().map(|_| Vec::with_capacity(keys.len())).collect();
+            for key in keys {
+                match key {
+                    Key::Int(i) if t.key.len() == 1 => columns[0].push(Param::Int(*i)),
+                    Key::Values(vals) if vals.len() == t.key.len() => {
+                        for (c, v) in columns.iter_mut().zip(vals.iter()) {
+                            c.push(Param::Value(v));
+                        }
+                    }
+                    _ => {
+                        return Err(definite(format!(
+                            "a delete from `{}` has a key that does not match the table's {} key columns",
+                            t.table,
+                            t.key.len()
+                        )))
+                    }
+                }
+            }
+            jobs.push(Job {
+                what: format!("delete from `{}`", t.table),
+                sql: &t.delete,
+                params: columns.into_iter().map(|c| Box::new(c) as _).collect(),
+            });
+        }
+        let mut rows = std::mem::take(&mut upserts[id]);
+        if rows.is_empty() {
+            continue;
+        }
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let rows: Vec<&SilverRow> = rows.into_iter().map(|(_, r)| r).collect();
+        if rows.len() >= COPY_MIN_ROWS {
+            copies.push((t, rows));
+            continue;
+        }
+        let mut columns: Vec<Vec<Param<'a>>> =
+            t.wire.iter().map(|_| Vec::with_capacity(rows.len())).collect();
+        for row in &rows {
+            for (c, p) in columns.iter_mut().zip(silver_params(row)) {
+                c.push(p);
+            }
+        }
+        jobs.push(Job {
+            what: format!("upsert into `{}`", t.table),
+            sql: &t.upsert,
+            params: columns.into_iter().map(|c| Box::new(c) as _).collect(),
+        });
+    }
+    Ok(())
+}
+
+/// A silver row's data columns: declared values, then the bookkeeping columns.
+fn silver_params(row: &SilverRow) -> impl Iterator<Item = Param<'_>> {
+    row.values.iter().map(Param::Value).chain([
+        Param::Text(row.flags.as_deref()),
+        Param::Text(row.extra.as_deref()),
+        Param::Text(row.position.as_deref()),
+        Param::Int(row.source_ts_ms),
+    ])
+}
+
+/// Loads many upserts of one table: binary COPY into a temporary table, then one
+/// upsert from it. The temporary table empties itself at commit.
+async fn copy_silver(
+    tx: &Transaction<'_>,
+    cache: &mut HashMap<String, Statement>,
+    t: &SilverTable,
+    rows: &[&SilverRow],
+) -> Result<(), StoreError> {
+    let what = || format!("copy into `{}`", t.table);
+    tx.batch_execute(&t.stage_create).await.map_err(|e| pg_error(e, what()))?;
+    let copy = tx.copy_in(&t.stage_copy).await.map_err(|e| pg_error(e, what()))?;
+    let writer = BinaryCopyInWriter::new(copy, &t.wire);
+    let mut writer = std::pin::pin!(writer);
+    let mut params: Vec<Param<'_>> = Vec::with_capacity(t.wire.len());
+    for row in rows {
+        params.clear();
+        params.extend(silver_params(row));
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        writer.as_mut().write(&refs).await.map_err(|e| pg_error(e, what()))?;
+    }
+    writer.finish().await.map_err(|e| pg_error(e, what()))?;
+    let upsert =
+        prepare(tx, cache, &t.stage_upsert, || format!("upsert into `{}`", t.table)).await?;
+    tx.execute(&upsert, &[])
+        .await
+        .map_err(|e| pg_error(e, format!("upsert into `{}`", t.table)))?;
+    Ok(())
+}
+
+fn gold_jobs<'a>(
+    plan: &'a Plan,
+    changes: &'a [GoldChange],
+    keys: &'a [String],
+    jobs: &mut Vec<Job<'a>>,
+) -> Result<(), StoreError> {
+    for (gi, g) in plan.gold.iter().enumerate() {
+        let mut upserts: Vec<(i64, &'a str, &'a GoldChange, &'a [Value])> = Vec::new();
+        let mut deletes: Vec<(i64, &'a str)> = Vec::new();
+        for (change, key) in changes.iter().zip(keys).filter(|(c, _)| c.gold == gi) {
+            if change.group.len() != g.groups {
+                return Err(definite(format!(
+                    "a row for `{}` has {} group values, the rule has {}",
+                    g.table,
+                    change.group.len(),
+                    g.groups
+                )));
+            }
+            match &change.measures {
+                Some(m) if m.len() != g.measures => {
+                    return Err(definite(format!(
+                        "a row for `{}` has {} measure values, the table has {} measure columns",
+                        g.table,
+                        m.len(),
+                        g.measures
+                    )))
+                }
+                Some(m) => upserts.push((change.window_start, key.as_str(), change, m)),
+                None => deletes.push((change.window_start, key.as_str())),
+            }
+        }
+        if let Some(c) = changes.iter().find(|c| c.gold >= plan.gold.len()) {
+            return Err(definite(format!("gold change of unknown gold rule {}", c.gold)));
+        }
+        if !deletes.is_empty() {
+            deletes.sort_unstable();
+            let starts: Vec<Param<'a>> = deletes.iter().map(|d| Param::Timestamp(d.0)).collect();
+            let keys: Vec<Param<'a>> = deletes.iter().map(|d| Param::Text(Some(d.1))).collect();
+            jobs.push(Job {
+                what: format!("delete from `{}`", g.table),
+                sql: &g.delete,
+                params: vec![Box::new(starts), Box::new(keys)],
+            });
+        }
+        if !upserts.is_empty() {
+            upserts.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            let n = upserts.len();
+            let mut starts = Vec::with_capacity(n);
+            let mut ends = Vec::with_capacity(n);
+            let mut group_keys = Vec::with_capacity(n);
+            let mut outputs: Vec<Vec<Param<'a>>> =
+                (0..g.groups + g.measures).map(|_| Vec::with_capacity(n)).collect();
+            for (start, key, change, measures) in upserts {
+                starts.push(Param::Timestamp(start));
+                ends.push(Param::Timestamp(start.saturating_add(g.window_micros)));
+                group_keys.push(Param::Text(Some(key)));
+                for (o, v) in outputs.iter_mut().zip(change.group.iter().chain(measures.iter())) {
+                    o.push(Param::Value(v));
+                }
+            }
+            let mut params: Vec<Box<dyn ToSql + Sync + Send + 'a>> =
+                vec![Box::new(starts), Box::new(ends), Box::new(group_keys)];
+            params.extend(outputs.into_iter().map(|o| Box::new(o) as _));
+            jobs.push(Job { what: format!("upsert into `{}`", g.table), sql: &g.upsert, params });
+        }
+    }
+    Ok(())
+}
+
+fn quarantine_job(op: &QuarantineOp) -> Job<'_> {
+    match op {
+        QuarantineOp::Open(r) => Job {
+            what: "insert into `quarantine`".to_owned(),
+            sql: QUARANTINE_OPEN,
+            params: vec![
+                Box::new(r.table.as_deref()),
+                Box::new(r.key.as_deref()),
+                Box::new(r.stage.code()),
+                Box::new(&*r.reason),
+                Box::new(r.detail.as_str()),
+                Box::new(r.position.as_deref()),
+                // Origins are line or sequence numbers; one beyond i64 is not a real input.
+                Box::new(i64::try_from(r.origin).unwrap_or(i64::MAX)),
+                Box::new(r.payload.as_str()),
+            ],
+        },
+        QuarantineOp::Resolve { table, key } => Job {
+            what: "resolve in `quarantine`".to_owned(),
+            sql: QUARANTINE_RESOLVE,
+            params: vec![Box::new(table.as_str()), Box::new(key.as_str())],
+        },
+    }
+}
+
+// ---- recover ----------------------------------------------------------------
+
+async fn recover(
+    client: &mut Client,
+    plan: &Plan,
+    stream: &str,
+    tables: &[TableId],
+) -> Result<Recovered, StoreError> {
+    // One snapshot: the checkpoint, rows and quarantine agree.
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| pg_error(e, "begin recovery".to_owned()))?;
+    let saved = tx
+        .query_opt(CHECKPOINT_READ, &[&stream])
+        .await
+        .map_err(|e| pg_error(e, "select from `caudal_checkpoint`".to_owned()))?;
+    let (checkpoint, state) = match saved {
+        Some(row) => {
+            let read = || -> Result<(String, String), tokio_postgres::Error> {
+                Ok((row.try_get(0)?, row.try_get(1)?))
+            };
+            let (c, s) =
+                read().map_err(|e| pg_error(e, "select from `caudal_checkpoint`".to_owned()))?;
+            (Some(Checkpoint(c)), Some(s))
+        }
+        None => (None, None),
+    };
+    let mut rows: Vec<(TableId, Row)> = Vec::new();
+    for &id in tables {
+        let t = plan
+            .silver
+            .get(id)
+            .ok_or_else(|| definite(format!("recovery of unknown table id {id}")))?;
+        let context = || format!("select from `{}`", t.table);
+        let got = tx.query(&t.select, &[]).await.map_err(|e| pg_error(e, context()))?;
+        rows.reserve(got.len());
+        for r in got {
+            let mut values = Vec::with_capacity(t.types.len());
+            for (i, ty) in t.types.iter().enumerate() {
+                let cell: Cell = r.try_get(i).map_err(|e| pg_error(e, context()))?;
+                values.push(typed(*ty, cell.0));
+            }
+            rows.push((id, values.into_boxed_slice()));
+        }
+    }
+    let open_quarantine = read_open_quarantine(&tx).await?;
+    tx.commit().await.map_err(|e| pg_error(e, "end recovery".to_owned()))?;
+    Ok(Recovered { checkpoint, state, rows, open_quarantine })
+}
+
+async fn read_open_quarantine(tx: &Transaction<'_>) -> Result<Vec<QuarantineRecord>, StoreError> {
+    let context = || "select from `quarantine`".to_owned();
+    let rows = tx.query(QUARANTINE_READ_OPEN, &[]).await.map_err(|e| pg_error(e, context()))?;
+    // Thousands of records share a handful of reasons.
+    let mut reasons: HashMap<String, Arc<str>> = HashMap::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let read = || -> Result<_, tokio_postgres::Error> {
+            Ok((
+                r.try_get::<_, i64>(0)?,
+                r.try_get::<_, Option<String>>(1)?,
+                r.try_get::<_, Option<String>>(2)?,
+                r.try_get::<_, String>(3)?,
+                r.try_get::<_, String>(4)?,
+                r.try_get::<_, Option<String>>(5)?,
+                r.try_get::<_, Option<String>>(6)?,
+                r.try_get::<_, Option<i64>>(7)?,
+                r.try_get::<_, Option<String>>(8)?,
+            ))
+        };
+        let (id, table, key, stage, reason, detail, position, origin, payload) =
+            read().map_err(|e| pg_error(e, context()))?;
+        let stage = Stage::from_code(&stage).ok_or_else(|| {
+            definite(format!("quarantine record {id} has an unknown stage `{stage}`"))
+        })?;
+        let reason = reasons.entry(reason).or_insert_with_key(|r| Arc::from(r.as_str())).clone();
+        out.push(QuarantineRecord {
+            table,
+            key,
+            stage,
+            reason,
+            detail: detail.unwrap_or_default(),
+            position,
+            origin: origin.and_then(|o| u64::try_from(o).ok()).unwrap_or(0),
+            payload: payload.unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(v: &Value, ty: Type) -> Value {
+        let mut buf = BytesMut::new();
+        match encode(v, &ty, &mut buf).expect("encodes") {
+            IsNull::Yes => Value::Null,
+            IsNull::No => Cell::from_sql(&ty, &buf).expect("decodes").0,
+        }
+    }
+
+    #[test]
+    fn values_round_trip_through_the_binary_format() {
+        let cases = [
+            (Value::Int(i64::MIN), Type::INT8),
+            (Value::Float(-0.0), Type::FLOAT8),
+            (Value::Bool(true), Type::BOOL),
+            (Value::Decimal(Decimal::from_str_exact("-0.0050").unwrap()), Type::NUMERIC),
+            (Value::Str("héllo".into()), Type::TEXT),
+            (Value::Bytes(vec![0, 255].into()), Type::BYTEA),
+            (Value::Timestamp(-1), Type::TIMESTAMP),
+            (Value::Timestamp(1_767_600_000_123_456), Type::TIMESTAMP),
+            (Value::Date(-1), Type::DATE),
+            (Value::Time(-1_500_000), Type::INTERVAL),
+            (Value::Time(838 * 3_600_000_000), Type::INTERVAL),
+        ];
+        for (v, ty) in cases {
+            assert_eq!(format!("{:?}", round_trip(&v, ty.clone())), format!("{v:?}"), "{ty}");
+        }
+        assert!(
+            matches!(round_trip(&Value::Float(f64::NAN), Type::FLOAT8), Value::Float(f) if f.is_nan())
+        );
+        assert_eq!(round_trip(&Value::Null, Type::INT8), Value::Null);
+        // uint columns are NUMERIC(20,0) and read back as UInt.
+        let big = round_trip(&Value::UInt(u64::MAX), Type::NUMERIC);
+        assert_eq!(typed(ColumnType::UInt, big), Value::UInt(u64::MAX));
+        // Gold text columns hold the display form.
+        assert_eq!(round_trip(&Value::Int(5), Type::TEXT), Value::Str("5".into()));
+        assert!(encode(&Value::Str("x".into()), &Type::INT8, &mut BytesMut::new()).is_err());
+    }
+
+    #[test]
+    fn decimals_keep_their_scale_and_floats_their_digits() {
+        let d =
+            round_trip(&Value::Decimal(Decimal::from_str_exact("12.50").unwrap()), Type::NUMERIC);
+        assert_eq!(d.to_string(), "12.50");
+        assert_eq!(round_trip(&Value::Float(2.5), Type::NUMERIC).to_string(), "2.5");
+        assert_eq!(round_trip(&Value::Int(7), Type::NUMERIC).to_string(), "7");
+    }
+}
