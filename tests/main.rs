@@ -9,4 +9,5 @@ mod config_errors;
 mod crash;
 mod end_to_end_mysql;
 mod gold;
+mod kafka;
 mod simulate;

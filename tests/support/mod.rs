@@ -107,3 +107,4 @@ pub fn export(store: &Path, out: &Path) {
     ok(caudal().arg("export").arg("--store").arg(store).arg("--out").arg(out));
 }
 pub mod mariadb;
+pub mod tansu;
