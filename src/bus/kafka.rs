@@ -370,8 +370,11 @@ fn original_envelope(line: &[u8]) -> Option<&str> {
 /// are acknowledged.
 #[derive(Default)]
 pub struct InFlight {
-    queue: VecDeque<(tokio::task::JoinHandle<Result<(), BusError>>, Checkpoint, u64)>,
+    queue: VecDeque<(Acknowledgement, Checkpoint, u64)>,
 }
+
+/// The task waiting for one batch's acknowledgements.
+type Acknowledgement = tokio::task::JoinHandle<Result<(), BusError>>;
 
 impl InFlight {
     pub fn push(&mut self, pending: Pending, checkpoint: Checkpoint, events: u64) {

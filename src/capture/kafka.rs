@@ -72,8 +72,47 @@ struct Part {
     name: Arc<str>,
     topic: usize,
     next: i64,
-    /// End at start, for `exit_at_end`.
+    /// End at start (ListOffsets), for `exit_at_end`.
     high: i64,
+    /// Start of the log at start.
+    low: i64,
+    /// The end a fetch response first reported, for `exit_at_end` (see [`fetched_end`]).
+    fetched_high: Option<i64>,
+    /// The topic name for librdkafka calls.
+    topic_c: std::ffi::CString,
+    partition: i32,
+}
+
+impl Part {
+    /// Whether the partition reached the end it had when reading began. Empty at
+    /// start needs no fetch; otherwise both ends must be passed: the one ListOffsets
+    /// gave and the one the first fetch reported (tansu's in-memory storage answers
+    /// ListOffsets with too low an offset, while its fetch responses are right).
+    fn at_end(&self) -> bool {
+        if self.high <= self.low {
+            return self.next >= self.high;
+        }
+        self.next >= self.high && self.fetched_high.is_some_and(|h| self.next >= h)
+    }
+}
+
+/// The high watermark of the partition's last fetch response, without a request
+/// (librdkafka's `rd_kafka_get_watermark_offsets`); `None` before the first fetch.
+fn fetched_end(consumer: &BaseConsumer<KafkaContext>, part: &Part) -> Option<i64> {
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; the topic is a
+    // NUL-terminated string that outlives the call; low and high are valid out-pointers.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            part.topic_c.as_ptr(),
+            part.partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 #[async_trait]
@@ -152,7 +191,21 @@ impl KafkaSource {
                 assignment
                     .add_partition_offset(topic, p.id(), Offset::Offset(next))
                     .map_err(|e| transient(format!("cannot assign `{name}`"), e))?;
-                parts.push(Part { name, topic: ti, next, high });
+                let topic_c = std::ffi::CString::new(topic.as_str())
+                    .map_err(|_| CaptureError::Definite {
+                        message: format!("topic name `{topic}` has a NUL byte"),
+                        hint: None,
+                    })?;
+                parts.push(Part {
+                    name,
+                    topic: ti,
+                    next,
+                    high,
+                    low,
+                    fetched_high: None,
+                    topic_c,
+                    partition: p.id(),
+                });
             }
         }
         if parts.is_empty() {
@@ -209,11 +262,17 @@ impl KafkaSource {
             .collect();
         let pool = BytePool::new(8);
         let mut decoder = Decoder::new(self.catalog.clone());
-        let at_end = |parts: &[Part]| parts.iter().all(|p| p.next >= p.high);
-
         loop {
-            if shutdown.is_cancelled() || (self.spec.exit_at_end && at_end(&parts)) {
+            if shutdown.is_cancelled() {
                 return Ok(());
+            }
+            if self.spec.exit_at_end {
+                for p in parts.iter_mut().filter(|p| p.fetched_high.is_none()) {
+                    p.fetched_high = fetched_end(&consumer, p);
+                }
+                if parts.iter().all(Part::at_end) {
+                    return Ok(());
+                }
             }
             let mut buf = pool.take(1 << 20);
             // (span of the decoder line, raw span, origin, part)
