@@ -411,6 +411,33 @@ impl InFlight {
     }
 }
 
+/// The high watermark of a partition's last fetch response, without a request
+/// (librdkafka's `rd_kafka_get_watermark_offsets`); `None` before the first fetch.
+///
+/// Why, next to ListOffsets (`fetch_watermarks`): tansu's in-memory storage answers
+/// ListOffsets with too low an end, while its fetch responses carry the right one;
+/// reading "to the end" checks both.
+pub fn fetched_end(
+    consumer: &BaseConsumer<KafkaContext>,
+    topic: &std::ffi::CStr,
+    partition: i32,
+) -> Option<i64> {
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; `topic` is a
+    // NUL-terminated string that outlives the call; low and high are valid out-pointers.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 /// Reads `<prefix>.caudal_capture` to its end: the last checkpoint stored for
 /// `pipeline`, if any. Blocking (run it off the async runtime).
 ///
@@ -442,14 +469,21 @@ pub fn read_capture_checkpoint(
     let mut last = None;
     let deadline = std::time::Instant::now() + REQUEST_TIMEOUT * 3;
     let mut next = low;
-    while next < high {
+    let topic_c = std::ffi::CString::new(topic.as_str()).map_err(|_| BusError::Definite {
+        message: format!("topic name `{topic}` has a NUL byte"),
+        source: None,
+    })?;
+    let mut fetched = None;
+    while next < high || fetched.is_none_or(|h| next < h) {
         if std::time::Instant::now() > deadline {
             return Err(BusError::Transient {
                 message: format!("reading `{topic}` to offset {high} timed out at {next}"),
                 source: None,
             });
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        let polled = consumer.poll(Duration::from_millis(100));
+        fetched = fetched.or_else(|| fetched_end(&consumer, &topic_c, 0));
+        match polled {
             None => {}
             Some(Err(e)) => {
                 warn!(error = %e, topic = %topic, "reading the capture checkpoint, retrying")

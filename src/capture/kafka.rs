@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 use super::{CaptureError, Source};
 use crate::bus;
-use crate::bus::kafka::{client_config, KafkaContext, REQUEST_TIMEOUT};
+use crate::bus::kafka::{client_config, fetched_end, KafkaContext, REQUEST_TIMEOUT};
 use crate::config::spec::KafkaSourceSpec;
 use crate::event::debezium::Decoder;
 use crate::event::{Batch, BytePool, Catalog, Checkpoint, Event, PooledBytes, RawSpan};
@@ -76,7 +76,7 @@ struct Part {
     high: i64,
     /// Start of the log at start.
     low: i64,
-    /// The end a fetch response first reported, for `exit_at_end` (see [`fetched_end`]).
+    /// The end a fetch response first reported, for `exit_at_end`.
     fetched_high: Option<i64>,
     /// The topic name for librdkafka calls.
     topic_c: std::ffi::CString,
@@ -96,24 +96,6 @@ impl Part {
     }
 }
 
-/// The high watermark of the partition's last fetch response, without a request
-/// (librdkafka's `rd_kafka_get_watermark_offsets`); `None` before the first fetch.
-fn fetched_end(consumer: &BaseConsumer<KafkaContext>, part: &Part) -> Option<i64> {
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client pointer is valid while `consumer` lives; the topic is a
-    // NUL-terminated string that outlives the call; low and high are valid out-pointers.
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            part.topic_c.as_ptr(),
-            part.partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-        .then_some(high)
-}
 
 #[async_trait]
 impl Source for KafkaSource {
@@ -268,7 +250,7 @@ impl KafkaSource {
             }
             if self.spec.exit_at_end {
                 for p in parts.iter_mut().filter(|p| p.fetched_high.is_none()) {
-                    p.fetched_high = fetched_end(&consumer, p);
+                    p.fetched_high = fetched_end(&consumer, &p.topic_c, p.partition);
                 }
                 if parts.iter().all(Part::at_end) {
                     return Ok(());
