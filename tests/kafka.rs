@@ -277,7 +277,10 @@ fn broker_restart_while_run_consumes_still_gives_the_reference() {
         while committed(&store) < n as i64 {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             assert!(child.try_wait().expect("wait").is_none(), "run ended early: {text}");
-            assert!(started.elapsed() < Duration::from_secs(90), "{n} events not committed: {text}");
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "{n} events not committed: {text}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     };
@@ -300,7 +303,48 @@ fn broker_restart_while_run_consumes_still_gives_the_reference() {
     let status = child.wait().expect("wait");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "run failed: {text}");
-    assert!(text.contains("retrying") || text.contains("kafka client error"), "the consumer saw the broker go: {text}");
+    assert!(
+        text.contains("retrying") || text.contains("kafka client error"),
+        "the consumer saw the broker go: {text}"
+    );
     export(&store, &got);
     assert_same_answer(&want, &got);
+}
+
+#[test]
+fn unreadable_inputs_go_through_kafka_to_quarantine_with_their_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(erpgen(20_000, 7)).expect("read input");
+    let mut lines: Vec<&str> = text.lines().take(300).collect();
+    let malformed = "{\"topic\": \"erp_db.orders\", \"value\": {not json";
+    let unknown = r#"{"topic":"erp_db.invoices","key":{"id":1},"value":{"before":null,"after":{"id":1},"source":{"table":"invoices","db":"erp_db"},"op":"c","ts_ms":1}}"#;
+    lines.insert(100, malformed);
+    lines.push(unknown);
+    let input = dir.path().join("dirty.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
+    let broker = Tansu::start();
+    capture(&input, broker.brokers());
+    let pipeline = kafka_pipeline(dir.path(), broker.brokers(), "trigger_interval = \"1s\"");
+    let store = dir.path().join("erp.db");
+    ok(caudal().arg("run").arg(&pipeline).arg("--store").arg(&store).arg("-q"));
+
+    let db = rusqlite::Connection::open(&store).expect("open store");
+    let mut stmt = db
+        .prepare(
+            "SELECT reason, origin, payload FROM quarantine WHERE stage = 'decode' ORDER BY origin",
+        )
+        .expect("prepare");
+    let rows: Vec<(String, i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("malformed_json".to_owned(), 101, malformed.to_owned()),
+            ("unknown_table".to_owned(), lines.len() as i64, unknown.to_owned()),
+        ],
+        "each unreadable line is quarantined once, with its line number and bytes"
+    );
 }

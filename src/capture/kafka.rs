@@ -96,7 +96,6 @@ impl Part {
     }
 }
 
-
 #[async_trait]
 impl Source for KafkaSource {
     fn kind(&self) -> &'static str {
@@ -173,8 +172,8 @@ impl KafkaSource {
                 assignment
                     .add_partition_offset(topic, p.id(), Offset::Offset(next))
                     .map_err(|e| transient(format!("cannot assign `{name}`"), e))?;
-                let topic_c = std::ffi::CString::new(topic.as_str())
-                    .map_err(|_| CaptureError::Definite {
+                let topic_c =
+                    std::ffi::CString::new(topic.as_str()).map_err(|_| CaptureError::Definite {
                         message: format!("topic name `{topic}` has a NUL byte"),
                         hint: None,
                     })?;
