@@ -40,6 +40,8 @@ use crate::event::{Batch, BytePool, Catalog, Checkpoint, Event, PooledBytes, Raw
 /// Messages per batch at most: large enough to amortize a hand-off, small enough
 /// to keep a batch's memory to a few megabytes.
 const MAX_BATCH_MESSAGES: usize = 10_000;
+/// ... and at most about this many bytes (spans into a batch's bytes are `u32`).
+const MAX_BATCH_BYTES: usize = 16 << 20;
 /// A batch is handed on at most this long after its first message (latency).
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// How long one poll waits when nothing arrives.
@@ -224,14 +226,12 @@ impl KafkaSource {
             }
         };
         info!(partitions = parts.len(), topics = self.spec.topics.len(), "reading kafka");
-        let index: HashMap<(String, i32), usize> = parts
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| {
-                let (topic, part) = p.name.rsplit_once('/')?;
-                Some(((topic.to_owned(), part.parse().ok()?), i))
-            })
-            .collect();
+        // Topic name -> (partition -> index in `parts`), looked up without allocating.
+        let mut index: HashMap<String, HashMap<i32, usize>> = HashMap::new();
+        for (i, p) in parts.iter().enumerate() {
+            let topic = self.spec.topics[p.topic].clone();
+            index.entry(topic).or_default().insert(p.partition, i);
+        }
         let unreadable: Vec<bool> =
             self.spec.topics.iter().map(|t| self.unreadable.contains(t)).collect();
         // Topic names as they prefix a decoder line: `{"topic":"<name>",`.
@@ -256,11 +256,11 @@ impl KafkaSource {
                 }
             }
             let mut buf = pool.take(1 << 20);
-            // (span of the decoder line, raw span, origin, part)
+            // (decoder line, raw bytes, origin, index in `parts`, from the unreadable topic)
             let mut lines: Vec<(RawSpan, RawSpan, u64, usize, bool)> = Vec::new();
             let mut first_at: Option<Instant> = None;
             let mut read_any = false;
-            while lines.len() < MAX_BATCH_MESSAGES {
+            while lines.len() < MAX_BATCH_MESSAGES && buf.len() < MAX_BATCH_BYTES {
                 let wait = match first_at {
                     Some(t) => MAX_BATCH_WAIT.saturating_sub(t.elapsed()),
                     None => IDLE_POLL,
@@ -279,12 +279,12 @@ impl KafkaSource {
                     Some(Ok(m)) => m,
                 };
                 first_at.get_or_insert_with(Instant::now);
-                let Some(&pi) = index.get(&(msg.topic().to_owned(), msg.partition())) else {
+                let Some(&pi) = index.get(msg.topic()).and_then(|t| t.get(&msg.partition())) else {
                     continue;
                 };
                 let part = &mut parts[pi];
                 if msg.offset() < part.next {
-                    continue; // a re-fetch of what this batch already has
+                    continue; // already read (a fetch repeated after a reconnect)
                 }
                 part.next = msg.offset() + 1;
                 read_any = true;
