@@ -68,6 +68,20 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Runs a pipeline's source and publishes every change to Kafka, one topic per
+    /// table (`[kafka]` in the pipeline file), until the source ends or Ctrl-C.
+    Capture {
+        pipeline: PathBuf,
+        /// Overrides a file source's path.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Overrides `kafka.brokers`, e.g. 127.0.0.1:9092.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Decoding threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Checks a pipeline file; exit code 2 and every problem when it is not valid.
     Validate { pipeline: PathBuf },
     /// Runs the ERP pipeline over a workload file, writes the reference CSVs, prints figures.
@@ -196,6 +210,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     SourceSpec::File { .. } => "file",
                     SourceSpec::Mysql(_) => "mysql",
                     SourceSpec::Simulate(_) => "simulate",
+                    SourceSpec::Kafka(_) => "kafka",
                 }
             );
             Ok(())
@@ -205,10 +220,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(input) = input {
                 match &mut spec.source {
                     SourceSpec::File { path, .. } => *path = input,
-                    SourceSpec::Simulate(_) | SourceSpec::Mysql(_) => anyhow::bail!(
-                        "--input overrides a file source, but `{}` has another source type",
-                        pipeline.display()
-                    ),
+                    SourceSpec::Simulate(_) | SourceSpec::Mysql(_) | SourceSpec::Kafka(_) => {
+                        anyhow::bail!(
+                            "--input overrides a file source, but `{}` has another source type",
+                            pipeline.display()
+                        )
+                    }
                 }
             }
             if let Some(store) = store {
@@ -219,6 +236,46 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 use_store: true,
             };
             run_with_progress(Arc::new(spec), options, !quiet, false)
+        }
+        Command::Capture { pipeline, input, brokers, threads } => {
+            let mut spec = config::load(&pipeline)?;
+            if let Some(input) = input {
+                match &mut spec.source {
+                    SourceSpec::File { path, .. } => *path = input,
+                    _ => anyhow::bail!(
+                        "--input overrides a file source, but `{}` has another source type",
+                        pipeline.display()
+                    ),
+                }
+            }
+            if let Some(brokers) = brokers {
+                spec.kafka.brokers = brokers;
+            }
+            let threads = threads.unwrap_or_else(topology::default_threads);
+            let rt = runtime()?;
+            let summary = rt.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let ctrl_c = shutdown.clone();
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        eprintln!("\nstopping: publishing what was read (Ctrl-C again to abort)");
+                        ctrl_c.cancel();
+                        if tokio::signal::ctrl_c().await.is_ok() {
+                            std::process::exit(130);
+                        }
+                    }
+                });
+                topology::capture(Arc::new(spec), threads, shutdown).await
+            })?;
+            let secs = summary.elapsed.as_secs_f64();
+            eprintln!(
+                "published {} events ({} messages) in {:.2}s ({:.0} events/s)",
+                summary.events,
+                summary.messages,
+                secs,
+                summary.events as f64 / secs.max(1e-9)
+            );
+            Ok(())
         }
         Command::Demo { rate, seed, store, events } => {
             // The shipped ERP pipeline, fed by the simulator instead of a file.

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bus;
+use crate::bus::kafka::{BusError, InFlight, KafkaPublisher};
+use crate::capture::kafka::KafkaSource;
 use crate::capture::mysql::{MysqlSource, MysqlSourceConfig};
 use crate::capture::{file::FileSource, simulator::SimulatorSource, CaptureError, Source};
 use crate::config::spec::{PipelineSpec, SourceSpec, StoreSpec};
@@ -41,6 +43,8 @@ pub enum RunError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
     #[error("processing thread failed: {0}")]
     Processor(String),
 }
@@ -118,6 +122,11 @@ pub fn build_source(spec: &PipelineSpec, threads: usize) -> Box<dyn Source> {
                 server_name: m.server_name.clone(),
             },
             spec.catalog.clone(),
+        )),
+        SourceSpec::Kafka(k) => Box::new(KafkaSource::new(
+            k.clone(),
+            spec.catalog.clone(),
+            spec.kafka.unreadable_topic(),
         )),
     }
 }
@@ -299,4 +308,127 @@ async fn write_commits(
         }
     }
     Ok(committed)
+}
+
+/// What `caudal capture` published.
+#[derive(Debug, Clone, Default)]
+pub struct CaptureSummary {
+    /// Events (changes and unreadable inputs) acknowledged by the broker.
+    pub events: u64,
+    /// Messages acknowledged (a delete is two: the envelope and its tombstone).
+    pub messages: u64,
+    pub elapsed: Duration,
+}
+
+/// Runs the pipeline's source and publishes every event to Kafka, one topic per
+/// table (`caudal capture`), until the source ends or `shutdown` is cancelled.
+///
+/// The source resumes from the checkpoint stored in Kafka; a batch's checkpoint is
+/// stored only once it and every batch before it are acknowledged by the broker
+/// (see `bus::kafka`). Shutdown stops the source; what it already read is
+/// published and checkpointed before this returns.
+///
+/// # Errors
+/// A definite source error, or a bus error (a broker unreachable for longer
+/// than the producer's delivery timeout ends the run; restarting resumes).
+pub async fn capture(
+    spec: Arc<PipelineSpec>,
+    threads: usize,
+    shutdown: CancellationToken,
+) -> Result<CaptureSummary, RunError> {
+    let started = Instant::now();
+    let kafka = spec.kafka.clone();
+    let publisher = KafkaPublisher::new(&kafka, spec.catalog.clone())?;
+    let mut backoff = RETRY_MIN;
+    let resume = loop {
+        let read = async {
+            publisher.ensure_topics().await?;
+            let (kafka, name) = (kafka.clone(), spec.name.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::bus::kafka::read_capture_checkpoint(&kafka, &name)
+            })
+            .await
+            .map_err(|e| BusError::Transient { message: e.to_string(), source: None })?
+        };
+        match read.await {
+            Ok(resume) => break resume,
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "kafka unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Some(cp) = &resume {
+        info!(checkpoint = %cp.0, "capture resuming");
+    }
+
+    let source = build_source(&spec, threads);
+    let (tx, mut rx) = bus::memory(spec.queue_batches);
+    let source_shutdown = shutdown.clone();
+    let source_task = tokio::spawn(async move { source.run(resume, tx, source_shutdown).await });
+
+    let mut summary = CaptureSummary::default();
+    let mut in_flight = InFlight::default();
+    let mut last_checkpoint = None;
+    let published = async {
+        loop {
+            // Store the checkpoints of acknowledged batches, oldest first; wait for
+            // the oldest when too many are in flight.
+            while in_flight.full() || in_flight.front_done() {
+                if let Some((cp, events)) = in_flight.pop().await? {
+                    last_checkpoint = Some(publisher.write_checkpoint(&spec.name, &cp).await?);
+                    summary.events += events;
+                }
+            }
+            let next = if in_flight.is_empty() {
+                rx.recv().await
+            } else {
+                // A slow source must not hold back acknowledged checkpoints.
+                match tokio::time::timeout(Duration::from_millis(20), rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => continue,
+                }
+            };
+            let Some(batch) = next else { break };
+            let pending = publisher.publish(&batch).await?;
+            summary.messages += pending.messages;
+            in_flight.push(pending, batch.checkpoint.clone(), batch.events.len() as u64);
+        }
+        while let Some((cp, events)) = in_flight.pop().await? {
+            last_checkpoint = Some(publisher.write_checkpoint(&spec.name, &cp).await?);
+            summary.events += events;
+        }
+        if let Some(delivery) = last_checkpoint.take() {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((err, _))) => {
+                    return Err(BusError::from_kafka("cannot store the capture checkpoint", err))
+                }
+                Err(_) => {
+                    return Err(BusError::Transient {
+                        message: "producer dropped a delivery report".into(),
+                        source: None,
+                    })
+                }
+            }
+        }
+        publisher.flush(Duration::from_secs(30))
+    };
+    let published: Result<(), BusError> = published.await;
+    if published.is_err() {
+        // Stop reading: what is not acknowledged is re-published after a restart.
+        shutdown.cancel();
+    }
+    drop(rx);
+    let source_result = source_task.await;
+    published?;
+    match source_result {
+        Ok(Ok(())) | Ok(Err(CaptureError::Closed)) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(e) => return Err(RunError::Processor(e.to_string())),
+    }
+    summary.elapsed = started.elapsed();
+    Ok(summary)
 }

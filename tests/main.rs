@@ -10,5 +10,6 @@ mod config_errors;
 mod crash;
 mod end_to_end_mysql;
 mod gold;
+mod kafka;
 mod postgres_sink;
 mod simulate;

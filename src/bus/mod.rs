@@ -1,8 +1,11 @@
 //! The bus between capture and processing.
 //!
 //! In-process by default: a bounded channel of [`Batch`]es, so a slow consumer
-//! slows the producer instead of growing memory. (Kafka, for work that outgrows
-//! one machine, comes with its own issue.)
+//! slows the producer instead of growing memory. For work that outgrows one
+//! process, [`kafka`] publishes the changes to one Kafka topic per table
+//! (`caudal capture`), and the `kafka` source (`capture::kafka`) reads them back.
+
+pub mod kafka;
 
 use tokio::sync::mpsc;
 

@@ -1,7 +1,7 @@
 //! Capture: sources of change events.
 //!
 //! A [`Source`] turns an upstream log (a file of Debezium JSON lines, the built-in
-//! ERP simulator; next, a MySQL binlog or a Kafka topic) into [`Batch`]es of
+//! ERP simulator, a MySQL binlog, Kafka topics) into [`Batch`]es of
 //! events in log order. Each batch carries the [`Checkpoint`] to resume from once
 //! the batch is durable downstream; a source restarted with that checkpoint
 //! continues strictly after it. Re-delivered events are possible after a crash
@@ -9,6 +9,7 @@
 
 pub mod erp_db;
 pub mod file;
+pub mod kafka;
 pub mod mysql;
 pub mod simulator;
 

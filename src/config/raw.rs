@@ -19,6 +19,28 @@ pub struct RawPipeline {
     /// Window aggregates written to gold tables.
     #[serde(default)]
     pub gold: Vec<RawGold>,
+    /// The Kafka bus between `caudal capture` and processing (topics, producer).
+    #[serde(default)]
+    pub kafka: Option<RawKafka>,
+}
+
+/// `[kafka]`: where `caudal capture` publishes and a `kafka` source reads by default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// Bootstrap brokers, `host:port[,host:port...]` (default `localhost:9092`).
+    pub brokers: Option<String>,
+    /// Topics are `<topic_prefix>.<table>` (default: the database of a `mysql`
+    /// source, else the pipeline name).
+    pub topic_prefix: Option<String>,
+    /// Partitions of the topics `caudal capture` creates (default 4).
+    pub partitions: Option<i64>,
+    /// Replication factor of the topics `caudal capture` creates (default 1).
+    pub replication: Option<i64>,
+    /// Producer compression: `zstd` (default), `lz4` or `none`.
+    pub compression: Option<String>,
+    /// Consumer group id (default `caudal`).
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +77,17 @@ pub enum RawSource {
         include: Vec<String>,
         /// The logical server name (Debezium's `source.name`, the topic prefix).
         server_name: Option<String>,
+    },
+    /// Kafka topics of Debezium envelopes (written by `caudal capture` or by Debezium).
+    Kafka {
+        /// Bootstrap brokers (default: `kafka.brokers`).
+        brokers: Option<String>,
+        /// Topics to read (default: `<kafka.topic_prefix>.<table>` for every table
+        /// declared, and `<kafka.topic_prefix>.caudal_unreadable`).
+        topics: Option<Vec<String>>,
+        /// Stop once every partition reached the end it had at start (replays, tests).
+        #[serde(default)]
+        exit_at_end: bool,
     },
     /// The built-in ERP simulator.
     Simulate {

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 
 use super::error::{did_you_mean, Problems};
 use super::expr::{self, Ast, BinOp, Lit};
-use super::raw::{RawGold, RawPipeline, RawRule, RawSource, RawStore, RawTable};
+use super::raw::{RawGold, RawKafka, RawPipeline, RawRule, RawSource, RawStore, RawTable};
 use crate::event::{time, Catalog, Column, ColumnType, TableId, TableSchema, Value};
 
 /// Default micro-batch commit interval: a second keeps the dashboard live while
@@ -39,6 +39,8 @@ pub struct PipelineSpec {
     /// Per table, same index as the catalog.
     pub tables: Vec<TableSpec>,
     pub gold: Vec<GoldSpec>,
+    /// The Kafka bus (`[kafka]`, defaults when absent).
+    pub kafka: KafkaSpec,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,83 @@ pub enum SourceSpec {
     File { path: PathBuf, follow: bool },
     Mysql(MysqlSpec),
     Simulate(SimulateSpec),
+    Kafka(KafkaSourceSpec),
+}
+
+/// The Kafka bus: where `caudal capture` publishes, and the default of a `kafka` source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSpec {
+    pub brokers: String,
+    /// Topics are `<topic_prefix>.<table>`.
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication: i16,
+    pub compression: Compression,
+    pub group: String,
+}
+
+/// Kafka's conventional local listener.
+pub const DEFAULT_KAFKA_BROKERS: &str = "localhost:9092";
+/// Partitions per table topic: room for a few processing workers without
+/// re-partitioning (a topic's partition count can only grow, and growing it moves keys).
+pub const DEFAULT_KAFKA_PARTITIONS: i32 = 4;
+/// One copy: right for a single broker; production clusters set 3.
+pub const DEFAULT_KAFKA_REPLICATION: i16 = 1;
+pub const DEFAULT_KAFKA_GROUP: &str = "caudal";
+
+impl KafkaSpec {
+    /// The topic of a table's changes: `<prefix>.<table>`.
+    pub fn topic(&self, table: &str) -> String {
+        format!("{}.{table}", self.topic_prefix)
+    }
+
+    /// Where `caudal capture` puts inputs it could not decode (raw payloads).
+    pub fn unreadable_topic(&self) -> String {
+        self.topic("caudal_unreadable")
+    }
+
+    /// The compacted topic holding `caudal capture`'s own checkpoint.
+    pub fn capture_topic(&self) -> String {
+        self.topic("caudal_capture")
+    }
+
+    /// Every topic a pipeline's changes go to: one per table, then the unreadable one.
+    pub fn data_topics(&self, catalog: &Catalog) -> Vec<String> {
+        let mut topics: Vec<String> =
+            catalog.tables().iter().map(|t| self.topic(&t.name)).collect();
+        topics.push(self.unreadable_topic());
+        topics
+    }
+}
+
+/// Producer compression codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Best ratio for JSON at little CPU cost; Kafka 2.1+ and Redpanda read it.
+    #[default]
+    Zstd,
+    Lz4,
+    None,
+}
+
+impl Compression {
+    /// The librdkafka `compression.codec` value.
+    pub fn codec(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+            Compression::None => "none",
+        }
+    }
+}
+
+/// Settings of the `kafka` source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSourceSpec {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub exit_at_end: bool,
+    pub group: String,
 }
 
 /// Settings of the `mysql` source.
@@ -300,7 +379,8 @@ impl PipelineSpec {
         );
         let queue_batches =
             positive(&mut p, "pipeline.queue_batches", s.queue_batches, DEFAULT_QUEUE_BATCHES);
-        let source = source_spec(&mut p, &raw.source);
+        let mut source = source_spec(&mut p, &raw.source);
+        let kafka = kafka_spec(&mut p, raw.kafka.as_ref(), &source, s.name.as_deref());
         if let SourceSpec::Mysql(m) = &source {
             for (i, t) in m.include.iter().enumerate() {
                 if !raw.tables.contains_key(t) {
@@ -320,6 +400,15 @@ impl PipelineSpec {
             schemas.push(table_schema(&mut p, name, t));
         }
         let catalog = Arc::new(Catalog::new(schemas));
+        if let SourceSpec::Kafka(k) = &mut source {
+            if k.brokers.is_empty() {
+                k.brokers = kafka.brokers.clone();
+            }
+            if k.topics.is_empty() {
+                k.topics = kafka.data_topics(&catalog);
+            }
+            k.group = kafka.group.clone();
+        }
         let mut tables = Vec::new();
         for (id, (name, t)) in raw.tables.iter().enumerate() {
             tables.push(table_spec(&mut p, &catalog, id, name, t));
@@ -348,6 +437,7 @@ impl PipelineSpec {
             catalog,
             tables,
             gold,
+            kafka,
         })
     }
 }
@@ -549,6 +639,147 @@ fn source_spec(p: &mut Problems, raw: &RawSource) -> SourceSpec {
             }
             SourceSpec::Simulate(sim)
         }
+        RawSource::Kafka { brokers, topics, exit_at_end } => {
+            if let Some(b) = brokers {
+                check_brokers(p, "source.brokers", b);
+            }
+            if let Some(topics) = topics {
+                if topics.is_empty() {
+                    p.hint(
+                        "source.topics",
+                        Some("[]".into()),
+                        "no topics",
+                        "leave it out to read every table's topic",
+                    );
+                }
+                for (i, t) in topics.iter().enumerate() {
+                    check_topic_name(p, &format!("source.topics[{i}]"), t);
+                }
+            }
+            SourceSpec::Kafka(KafkaSourceSpec {
+                // Filled from `[kafka]` once the tables are known (see `from_raw`).
+                brokers: brokers.clone().unwrap_or_default(),
+                topics: topics.clone().unwrap_or_default(),
+                exit_at_end: *exit_at_end,
+                group: String::new(),
+            })
+        }
+    }
+}
+
+fn kafka_spec(
+    p: &mut Problems,
+    raw: Option<&RawKafka>,
+    source: &SourceSpec,
+    pipeline: Option<&str>,
+) -> KafkaSpec {
+    let default_raw = RawKafka::default();
+    let raw = raw.unwrap_or(&default_raw);
+    let brokers = raw.brokers.clone().unwrap_or_else(|| DEFAULT_KAFKA_BROKERS.into());
+    check_brokers(p, "kafka.brokers", &brokers);
+    let topic_prefix = match &raw.topic_prefix {
+        Some(t) => {
+            check_topic_name(p, "kafka.topic_prefix", t);
+            t.clone()
+        }
+        // Debezium's MySQL topics are `<server>.<db>.<table>`; the shared workload
+        // and most deployments route them to `<db>.<table>`.
+        None => match source {
+            SourceSpec::Mysql(m) => mysql_database(&m.url).unwrap_or("caudal").to_owned(),
+            _ => pipeline
+                .unwrap_or("caudal")
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') { c } else { '_' })
+                .collect(),
+        },
+    };
+    let partitions = match raw.partitions {
+        None => DEFAULT_KAFKA_PARTITIONS,
+        Some(n) => match i32::try_from(n) {
+            Ok(n) if (1..=100_000).contains(&n) => n,
+            _ => {
+                p.add(
+                    "kafka.partitions",
+                    Some(n.to_string()),
+                    "must be a whole number from 1 to 100000",
+                );
+                DEFAULT_KAFKA_PARTITIONS
+            }
+        },
+    };
+    let replication = match raw.replication {
+        None => DEFAULT_KAFKA_REPLICATION,
+        Some(n) => match i16::try_from(n) {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                p.add(
+                    "kafka.replication",
+                    Some(n.to_string()),
+                    "must be a whole number from 1 to 32767",
+                );
+                DEFAULT_KAFKA_REPLICATION
+            }
+        },
+    };
+    let compression = match raw.compression.as_deref() {
+        None | Some("zstd") => Compression::Zstd,
+        Some("lz4") => Compression::Lz4,
+        Some("none") => Compression::None,
+        Some(other) => {
+            p.hint(
+                "kafka.compression",
+                Some(quote(other)),
+                "unknown compression",
+                "one of \"zstd\", \"lz4\", \"none\"",
+            );
+            Compression::Zstd
+        }
+    };
+    let group = raw.group.clone().unwrap_or_else(|| DEFAULT_KAFKA_GROUP.into());
+    if group.trim().is_empty() {
+        p.add("kafka.group", Some(quote(&group)), "must not be empty");
+    }
+    KafkaSpec { brokers, topic_prefix, partitions, replication, compression, group }
+}
+
+/// The database of `mysql://user:password@host:port/DATABASE?options`.
+fn mysql_database(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let path = rest.split_once('/')?.1;
+    let db = path.split(['?', '/']).next()?;
+    (!db.is_empty()).then_some(db)
+}
+
+/// `host:port[,host:port...]`.
+fn check_brokers(p: &mut Problems, key: &str, brokers: &str) {
+    let ok = !brokers.trim().is_empty()
+        && brokers.split(',').all(|b| {
+            b.trim().rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0)
+            })
+        });
+    if !ok {
+        p.hint(
+            key,
+            Some(quote(brokers)),
+            "not a broker list",
+            "host:port[,host:port...], e.g. \"localhost:9092\"",
+        );
+    }
+}
+
+/// Kafka topic names: 1 to 249 of `[A-Za-z0-9._-]`.
+fn check_topic_name(p: &mut Problems, key: &str, name: &str) {
+    let ok = !name.is_empty()
+        && name.len() <= 249
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        p.hint(
+            key,
+            Some(quote(name)),
+            "not a Kafka topic name",
+            "1 to 249 letters, digits, `.`, `_` or `-`",
+        );
     }
 }
 

@@ -113,3 +113,4 @@ pub mod postgres;
 pub fn export_from(store: &str, out: &Path) {
     ok(caudal().arg("export").arg("--store").arg(store).arg("--out").arg(out));
 }
+pub mod tansu;

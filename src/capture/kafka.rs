@@ -1,0 +1,393 @@
+//! Kafka topics of Debezium envelopes, written by `caudal capture` or by Debezium.
+//!
+//! Every partition of the configured topics is assigned explicitly (no consumer
+//! group rebalancing here) and read from the offset in the resume checkpoint, or
+//! from the beginning. Offsets are never committed to Kafka
+//! (`enable.auto.commit=false`): each batch's checkpoint is the next offset of
+//! every partition, `{"<topic>/<partition>": offset}`, and the sink stores it in
+//! the same transaction as the data. That, and deduplication by source position
+//! with one high-water mark per partition (`change.source.partition`), gives
+//! exactly-once into the store although Kafka delivers at least once.
+//!
+//! Values are envelopes as the Debezium JSON converter writes them, with schemas
+//! disabled (bare) or enabled (`{"schema": .., "payload": ..}`); tombstones are
+//! skipped. The table is `source.table`, else the topic's last segment. Messages
+//! of `<prefix>.caudal_unreadable` are raw inputs `caudal capture` could not
+//! decode: decoded again here, they become the same quarantine records, with
+//! the origin the capture gave them.
+//!
+//! A lost broker is not an error: librdkafka reconnects and fetching resumes at
+//! the same offsets; setting up (metadata, watermarks) is retried with backoff.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{CaptureError, Source};
+use crate::bus;
+use crate::bus::kafka::{client_config, fetched_end, KafkaContext, REQUEST_TIMEOUT};
+use crate::config::spec::KafkaSourceSpec;
+use crate::event::debezium::Decoder;
+use crate::event::{Batch, BytePool, Catalog, Checkpoint, Event, PooledBytes, RawSpan};
+
+/// Messages per batch at most: large enough to amortize a hand-off, small enough
+/// to keep a batch's memory to a few megabytes.
+const MAX_BATCH_MESSAGES: usize = 10_000;
+/// ... and at most about this many bytes (spans into a batch's bytes are `u32`).
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// A batch is handed on at most this long after its first message (latency).
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// How long one poll waits when nothing arrives.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Backoff bounds while the broker is unreachable during setup.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Next offset to read per `"<topic>/<partition>"`.
+type Offsets = BTreeMap<String, i64>;
+
+/// Reads Debezium envelopes from Kafka topics.
+pub struct KafkaSource {
+    spec: KafkaSourceSpec,
+    catalog: Arc<Catalog>,
+    /// Topics whose messages are raw unreadable inputs (see the module doc).
+    unreadable: Vec<String>,
+}
+
+impl KafkaSource {
+    /// `unreadable_topic`: the topic `caudal capture` writes undecodable inputs to.
+    pub fn new(spec: KafkaSourceSpec, catalog: Arc<Catalog>, unreadable_topic: String) -> Self {
+        Self { spec, catalog, unreadable: vec![unreadable_topic] }
+    }
+}
+
+/// One assigned partition.
+struct Part {
+    /// `"<topic>/<partition>"`: the checkpoint key and the dedup partition.
+    name: Arc<str>,
+    topic: usize,
+    next: i64,
+    /// End at start (ListOffsets), for `exit_at_end`.
+    high: i64,
+    /// Start of the log at start.
+    low: i64,
+    /// The end a fetch response first reported, for `exit_at_end`.
+    fetched_high: Option<i64>,
+    /// The topic name for librdkafka calls.
+    topic_c: std::ffi::CString,
+    partition: i32,
+}
+
+impl Part {
+    /// Whether the partition reached the end it had when reading began. Empty at
+    /// start needs no fetch; otherwise both ends must be passed: the one ListOffsets
+    /// gave and the one the first fetch reported (tansu's in-memory storage answers
+    /// ListOffsets with too low an offset, while its fetch responses are right).
+    fn at_end(&self) -> bool {
+        if self.high <= self.low {
+            return self.next >= self.high;
+        }
+        self.next >= self.high && self.fetched_high.is_some_and(|h| self.next >= h)
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn run(
+        self: Box<Self>,
+        resume: Option<Checkpoint>,
+        out: bus::Sender,
+        shutdown: CancellationToken,
+    ) -> Result<(), CaptureError> {
+        let offsets: Offsets = match &resume {
+            Some(cp) => super::parse_checkpoint(cp, "map of kafka offsets")?.unwrap_or_default(),
+            None => Offsets::new(),
+        };
+        let this = *self;
+        tokio::task::spawn_blocking(move || this.read_all(offsets, &out, &shutdown)).await.map_err(
+            |e| CaptureError::Definite {
+                message: format!("kafka reader panicked: {e}"),
+                hint: None,
+            },
+        )?
+    }
+}
+
+fn transient(message: String, err: rdkafka::error::KafkaError) -> CaptureError {
+    CaptureError::Transient { message, source: Some(Box::new(err)) }
+}
+
+impl KafkaSource {
+    fn consumer(&self) -> Result<BaseConsumer<KafkaContext>, CaptureError> {
+        client_config(&self.spec.brokers)
+            .set("group.id", &self.spec.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // librdkafka's default of 500 ms is the latency floor of an idle
+            // partition; 10 ms keeps commit-to-visible low at a small cost in requests.
+            .set("fetch.wait.max.ms", "10")
+            .set("auto.offset.reset", "earliest")
+            .create_with_context(KafkaContext)
+            .map_err(|e| CaptureError::Definite {
+                message: format!("cannot create the kafka consumer: {e}"),
+                hint: Some("check `source.brokers`".into()),
+            })
+    }
+
+    /// Finds every partition of the topics, with the offset to start at and the
+    /// end at start, and assigns them.
+    fn setup(
+        &self,
+        consumer: &BaseConsumer<KafkaContext>,
+        offsets: &Offsets,
+    ) -> Result<Vec<Part>, CaptureError> {
+        let mut parts = Vec::new();
+        let mut assignment = TopicPartitionList::new();
+        for (ti, topic) in self.spec.topics.iter().enumerate() {
+            let meta = consumer
+                .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+                .map_err(|e| transient(format!("cannot read the metadata of `{topic}`"), e))?;
+            let Some(t) = meta.topics().iter().find(|t| t.name() == topic) else { continue };
+            if t.error().is_some() || t.partitions().is_empty() {
+                // Debezium creates a table's topic with its first change; ours are
+                // all created by `caudal capture`. A missing one has nothing yet.
+                warn!(topic = %topic, "topic not found; not reading it");
+                continue;
+            }
+            for p in t.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p.id(), REQUEST_TIMEOUT)
+                    .map_err(|e| transient(format!("cannot read the offsets of `{topic}`"), e))?;
+                let name: Arc<str> = format!("{topic}/{}", p.id()).into();
+                let next = offsets.get(&*name).copied().unwrap_or(low).max(low);
+                assignment
+                    .add_partition_offset(topic, p.id(), Offset::Offset(next))
+                    .map_err(|e| transient(format!("cannot assign `{name}`"), e))?;
+                let topic_c =
+                    std::ffi::CString::new(topic.as_str()).map_err(|_| CaptureError::Definite {
+                        message: format!("topic name `{topic}` has a NUL byte"),
+                        hint: None,
+                    })?;
+                parts.push(Part {
+                    name,
+                    topic: ti,
+                    next,
+                    high,
+                    low,
+                    fetched_high: None,
+                    topic_c,
+                    partition: p.id(),
+                });
+            }
+        }
+        if parts.is_empty() {
+            return Err(CaptureError::Transient {
+                message: format!("none of the topics {:?} exists yet", self.spec.topics),
+                source: None,
+            });
+        }
+        consumer
+            .assign(&assignment)
+            .map_err(|e| transient("cannot assign partitions".into(), e))?;
+        Ok(parts)
+    }
+
+    fn read_all(
+        self,
+        offsets: Offsets,
+        out: &bus::Sender,
+        shutdown: &CancellationToken,
+    ) -> Result<(), CaptureError> {
+        let consumer = self.consumer()?;
+        let mut backoff = RETRY_MIN;
+        let mut parts = loop {
+            match self.setup(&consumer, &offsets) {
+                Ok(parts) => break parts,
+                Err(e) if e.is_transient() => {
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "kafka unavailable, retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        info!(partitions = parts.len(), topics = self.spec.topics.len(), "reading kafka");
+        // Topic name -> (partition -> index in `parts`), looked up without allocating.
+        let mut index: HashMap<String, HashMap<i32, usize>> = HashMap::new();
+        for (i, p) in parts.iter().enumerate() {
+            let topic = self.spec.topics[p.topic].clone();
+            index.entry(topic).or_default().insert(p.partition, i);
+        }
+        let unreadable: Vec<bool> =
+            self.spec.topics.iter().map(|t| self.unreadable.contains(t)).collect();
+        // Topic names as they prefix a decoder line: `{"topic":"<name>",`.
+        let topic_json: Vec<String> = self
+            .spec
+            .topics
+            .iter()
+            .map(|t| serde_json::to_string(t).unwrap_or_else(|_| "\"\"".into()))
+            .collect();
+        let pool = BytePool::new(8);
+        let mut decoder = Decoder::new(self.catalog.clone());
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            if self.spec.exit_at_end {
+                for p in parts.iter_mut().filter(|p| p.fetched_high.is_none()) {
+                    p.fetched_high = fetched_end(&consumer, &p.topic_c, p.partition);
+                }
+                if parts.iter().all(Part::at_end) {
+                    return Ok(());
+                }
+            }
+            let mut buf = pool.take(1 << 20);
+            // (decoder line, raw bytes, origin, index in `parts`, from the unreadable topic)
+            let mut lines: Vec<(RawSpan, RawSpan, u64, usize, bool)> = Vec::new();
+            let mut first_at: Option<Instant> = None;
+            let mut read_any = false;
+            while lines.len() < MAX_BATCH_MESSAGES && buf.len() < MAX_BATCH_BYTES {
+                let wait = match first_at {
+                    Some(t) => MAX_BATCH_WAIT.saturating_sub(t.elapsed()),
+                    None => IDLE_POLL,
+                };
+                if first_at.is_some() && wait.is_zero() {
+                    break;
+                }
+                let msg = match consumer.poll(wait) {
+                    None => break,
+                    Some(Err(e)) => {
+                        // Fetch errors (broker gone, leader moving) are retried by
+                        // librdkafka at the same offsets.
+                        warn!(error = %e, "kafka fetch error, retrying");
+                        break;
+                    }
+                    Some(Ok(m)) => m,
+                };
+                first_at.get_or_insert_with(Instant::now);
+                let Some(&pi) = index.get(msg.topic()).and_then(|t| t.get(&msg.partition())) else {
+                    continue;
+                };
+                let part = &mut parts[pi];
+                if msg.offset() < part.next {
+                    continue; // already read (a fetch repeated after a reconnect)
+                }
+                part.next = msg.offset() + 1;
+                read_any = true;
+                // Tombstones carry no change: Debezium's delete is the message before.
+                let Some(value) = msg.payload().filter(|v| !v.is_empty()) else { continue };
+                let ti = part.topic;
+                if unreadable[ti] {
+                    let origin =
+                        msg.key().and_then(unreadable_origin).unwrap_or(msg.offset() as u64);
+                    let span = push(&mut buf, &[value]);
+                    lines.push((span, span, origin, pi, true));
+                } else {
+                    let (line, raw) = wrap(&mut buf, &topic_json[ti], value);
+                    lines.push((line, raw, msg.offset() as u64, pi, false));
+                }
+            }
+            if !read_any {
+                continue;
+            }
+            let bytes = Arc::new(PooledBytes::new(buf, Some(pool.clone())));
+            decoder.start_batch();
+            let mut events = Vec::with_capacity(lines.len());
+            for (line, raw, origin, pi, is_unreadable) in lines {
+                let text = &bytes[line.start as usize..(line.start + line.len) as usize];
+                let mut event = decoder.decode(text, origin, Some(raw));
+                match &mut event {
+                    Event::Change(c) => c.source.partition = Some(parts[pi].name.clone()),
+                    // An unreadable input keeps its original bytes as its payload.
+                    Event::Bad(b) if !is_unreadable => b.payload = raw.text(&bytes),
+                    Event::Bad(_) => {}
+                }
+                events.push(event);
+            }
+            let checkpoint: Offsets = parts.iter().map(|p| (p.name.to_string(), p.next)).collect();
+            let checkpoint = Checkpoint(serde_json::to_string(&checkpoint).unwrap_or_default());
+            let batch = Batch { events, checkpoint, bytes: Some(bytes) };
+            if out.blocking_send(batch).is_err() {
+                return Err(CaptureError::Closed);
+            }
+        }
+    }
+}
+
+/// Appends `pieces` to `buf`; the span they cover.
+fn push(buf: &mut Vec<u8>, pieces: &[&[u8]]) -> RawSpan {
+    let start = buf.len();
+    for p in pieces {
+        buf.extend_from_slice(p);
+    }
+    RawSpan { start: start as u32, len: (buf.len() - start) as u32 }
+}
+
+/// Appends the decoder line of a message value: `{"topic":T,"value":V}` for a bare
+/// envelope (the raw span is `V` exactly), or `{"topic":T,"schema":..,"payload":..}`
+/// for a value with a schema (the raw span is the whole line). Returns the line's
+/// span and the raw span.
+fn wrap(buf: &mut Vec<u8>, topic_json: &str, value: &[u8]) -> (RawSpan, RawSpan) {
+    let body = value.trim_ascii_start();
+    let with_schema =
+        body.first() == Some(&b'{') && body[1..].trim_ascii_start().starts_with(b"\"schema\"");
+    if with_schema {
+        let span = push(buf, &[b"{\"topic\":", topic_json.as_bytes(), b",", &body[1..]]);
+        (span, span)
+    } else {
+        let start = buf.len();
+        push(buf, &[b"{\"topic\":", topic_json.as_bytes(), b",\"value\":"]);
+        let raw = push(buf, &[value]);
+        buf.push(b'}');
+        (RawSpan { start: start as u32, len: (buf.len() - start) as u32 }, raw)
+    }
+}
+
+/// The origin in an unreadable input's key, `{"origin": N}`.
+fn unreadable_origin(key: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct K {
+        origin: u64,
+    }
+    serde_json::from_slice::<K>(key).ok().map(|k| k.origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(buf: &[u8], s: RawSpan) -> &str {
+        std::str::from_utf8(&buf[s.start as usize..(s.start + s.len) as usize]).unwrap_or("")
+    }
+
+    #[test]
+    fn wraps_bare_and_schema_values_as_decoder_lines() {
+        let mut buf = b"xx".to_vec();
+        let (line, raw) = wrap(&mut buf, "\"db.t\"", br#"{"op":"c"}"#);
+        assert_eq!(text(&buf, line), r#"{"topic":"db.t","value":{"op":"c"}}"#);
+        assert_eq!(text(&buf, raw), r#"{"op":"c"}"#);
+        let (line, raw) = wrap(&mut buf, "\"db.t\"", br#" { "schema":{},"payload":{"op":"c"}}"#);
+        assert_eq!(text(&buf, line), r#"{"topic":"db.t", "schema":{},"payload":{"op":"c"}}"#);
+        assert_eq!(line, raw);
+    }
+
+    #[test]
+    fn reads_the_origin_of_unreadable_inputs() {
+        assert_eq!(unreadable_origin(br#"{"origin":42}"#), Some(42));
+        assert_eq!(unreadable_origin(b"nope"), None);
+    }
+}

@@ -1,0 +1,375 @@
+//! Kafka between capture and processing, on a real broker (tansu, started per test
+//! by `scripts/tansu`): `caudal capture` publishes the workload to one topic per
+//! table, `caudal run` with a `kafka` source reads it back into SQLite, and the
+//! export equals `reference.py` byte for byte; also after kill -9 of the capture,
+//! across a broker restart, and read by a Kafka client we did not write.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+use crate::support::tansu::{confluent_python, Tansu};
+use crate::support::*;
+
+/// The ERP pipeline reading the topics `caudal capture` wrote, until their end at start.
+fn kafka_pipeline(dir: &Path, brokers: &str, settings: &str) -> PathBuf {
+    let text = std::fs::read_to_string(erp_pipeline()).expect("read pipeline");
+    let source = format!("[source]\ntype = \"kafka\"\nbrokers = {brokers:?}\nexit_at_end = true\n");
+    let replaced = text.replace("[source]\ntype = \"file\"\npath = \"erp.jsonl\"\n", &source);
+    assert_ne!(replaced, text, "erp.toml's [source] section moved: update this test");
+    let replaced = replaced.replace("trigger_interval = \"1s\"", settings);
+    let path = dir.join("from_kafka.toml");
+    std::fs::write(&path, replaced).expect("write pipeline");
+    path
+}
+
+/// Lines of a workload file: the events `caudal capture` publishes.
+fn line_count(input: &Path) -> usize {
+    std::fs::read_to_string(input).expect("read input").lines().count()
+}
+
+fn capture(input: &Path, brokers: &str) -> std::process::Output {
+    ok(caudal()
+        .arg("capture")
+        .arg(erp_pipeline())
+        .arg("--input")
+        .arg(input)
+        .arg("--brokers")
+        .arg(brokers))
+}
+
+/// `caudal run` of `pipeline` into `store`, then the export compared with `want`.
+fn run_and_compare(pipeline: &Path, store: &Path, want: &Path, got: &Path) {
+    ok(caudal().arg("run").arg(pipeline).arg("--store").arg(store).arg("-q"));
+    export(store, got);
+    assert_same_answer(want, got);
+}
+
+/// Events durably committed in the store so far.
+fn committed(store: &Path) -> i64 {
+    let Ok(db) = rusqlite::Connection::open(store) else { return 0 };
+    db.query_row("SELECT event_count FROM caudal_checkpoint", [], |r| r.get(0)).unwrap_or(0)
+}
+
+#[test]
+fn capture_to_kafka_then_run_from_kafka_matches_the_reference() {
+    let input = erpgen(100_000, 7);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (want, got, store) =
+        (dir.path().join("want"), dir.path().join("got"), dir.path().join("erp.db"));
+    reference(&input, &want);
+    let broker = Tansu::start();
+
+    let out = capture(&input, broker.brokers());
+    let text = String::from_utf8_lossy(&out.stderr);
+    let published = format!("published {} events", line_count(&input));
+    assert!(text.contains(&published), "capture publishes every line: {text}");
+
+    let pipeline = kafka_pipeline(dir.path(), broker.brokers(), "trigger_interval = \"1s\"");
+    run_and_compare(&pipeline, &store, &want, &got);
+
+    // Capturing again resumes from its checkpoint in Kafka: nothing is published twice.
+    let out = capture(&input, broker.brokers());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("published 0 events"), "a finished capture resumes at the end: {text}");
+
+    // Running again reads nothing new: the offsets are in the store's checkpoint.
+    let again = dir.path().join("again");
+    run_and_compare(&pipeline, &store, &want, &again);
+}
+
+#[test]
+fn capture_killed_with_sigkill_and_restarted_still_gives_the_reference() {
+    let input = erpgen(100_000, 7);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (want, got, store) =
+        (dir.path().join("want"), dir.path().join("got"), dir.path().join("erp.db"));
+    reference(&input, &want);
+    let broker = Tansu::start();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut resumed = 0;
+    let mut finished = false;
+    for attempt in 0..20 {
+        let log = dir.path().join(format!("capture-{attempt}.log"));
+        let mut child = caudal()
+            .arg("capture")
+            .arg(erp_pipeline())
+            .arg("--input")
+            .arg(&input)
+            .arg("--brokers")
+            .arg(broker.brokers())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn caudal capture");
+        let started = Instant::now();
+        let wait = Duration::from_millis(rng.gen_range(150..900));
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(status.success(), "capture failed on attempt {attempt}: {text}");
+                finished = true;
+                break;
+            }
+            if started.elapsed() >= wait && attempt < 6 {
+                child.kill().expect("SIGKILL");
+                child.wait().expect("reap");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if attempt > 0 {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            resumed += usize::from(text.contains("capture resuming"));
+        }
+        if finished {
+            break;
+        }
+    }
+    assert!(finished, "caudal capture never finished");
+    assert!(resumed >= 2, "restarts resumed from a stored checkpoint several times ({resumed})");
+
+    let pipeline = kafka_pipeline(dir.path(), broker.brokers(), "trigger_interval = \"1s\"");
+    run_and_compare(&pipeline, &store, &want, &got);
+}
+
+/// Java's `Utils.murmur2` and the default partitioner's `toPositive(hash) % n`,
+/// to check that keys land where Kafka's Java clients would put them.
+const READ_TOPIC: &str = r#"
+import json, sys
+from confluent_kafka import Consumer, KafkaError, TopicPartition, OFFSET_BEGINNING
+
+def murmur2(data):
+    m, h = 0x5BD1E995, (0x9747B28C ^ len(data)) & 0xFFFFFFFF
+    n4 = len(data) // 4
+    for i in range(n4):
+        k = int.from_bytes(data[4 * i:4 * i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    rest = data[4 * n4:]
+    if len(rest) == 3:
+        h ^= rest[2] << 16
+    if len(rest) >= 2:
+        h ^= rest[1] << 8
+    if len(rest) >= 1:
+        h ^= rest[0]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+brokers, topic, table = sys.argv[1], sys.argv[2], sys.argv[3]
+# Read each partition to its end as fetches report it (partition EOF): tansu's
+# in-memory storage answers ListOffsets (get_watermark_offsets) with too low an end.
+c = Consumer({"bootstrap.servers": brokers, "group.id": "not-caudal",
+              "enable.auto.commit": False, "auto.offset.reset": "earliest",
+              "enable.partition.eof": True})
+parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+ends = set(parts)
+c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+stats = {"partitions": len(parts), "messages": 0, "tombstones": 0, "ops": {}}
+deadline = __import__("time").time() + 60
+while ends:
+    assert __import__("time").time() < deadline, f"timed out, {ends} left"
+    msg = c.poll(1.0)
+    if msg is None:
+        continue
+    if msg.error() is not None and msg.error().code() == KafkaError._PARTITION_EOF:
+        ends.discard(msg.partition())
+        continue
+    assert msg.error() is None, msg.error()
+    key = json.loads(msg.key())
+    assert isinstance(key, dict) and list(key) == ["id"], key
+    assert (murmur2(msg.key()) & 0x7FFFFFFF) % len(parts) == msg.partition(), (key, msg.partition())
+    stats["messages"] += 1
+    if msg.value() is None:
+        stats["tombstones"] += 1
+    else:
+        v = json.loads(msg.value())
+        assert v["op"] in ("r", "c", "u", "d"), v
+        assert v["source"]["table"] == table and v["source"]["db"] == "erp_db", v["source"]
+        image = v["before"] if v["op"] == "d" else v["after"]
+        assert isinstance(image, dict) and image["id"] == key["id"], (key, v)
+        if v["op"] == "d":
+            assert v["after"] is None, v
+        stats["ops"][v["op"]] = stats["ops"].get(v["op"], 0) + 1
+c.close()
+print(json.dumps(stats))
+"#;
+
+#[test]
+fn a_client_we_did_not_write_reads_our_topics_as_debezium_envelopes() {
+    let input = erpgen(20_000, 7);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Tansu::start();
+    capture(&input, broker.brokers());
+
+    let script = dir.path().join("read_topic.py");
+    std::fs::write(&script, READ_TOPIC).expect("write script");
+    let out = ok(std::process::Command::new(confluent_python()).arg(&script).args([
+        broker.brokers(),
+        "erp_db.order_items",
+        "order_items",
+    ]));
+    let stats: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the reader prints its counts as JSON");
+
+    // What the topic must hold: every order_items line of the input, and a tombstone per delete.
+    let text = std::fs::read_to_string(&input).expect("read input");
+    let mut want_ops = std::collections::BTreeMap::<String, u64>::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if v["topic"] == "erp_db.order_items" {
+            if let Some(op) = v["value"]["op"].as_str() {
+                *want_ops.entry(op.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    let deletes = want_ops.get("d").copied().unwrap_or(0);
+    let envelopes: u64 = want_ops.values().sum();
+    assert!(envelopes > 1000 && deletes > 0, "the workload has order lines and deletes");
+    assert_eq!(stats["partitions"], 4, "topics get the configured partition count: {stats}");
+    assert_eq!(stats["tombstones"], deletes, "a tombstone follows each delete: {stats}");
+    assert_eq!(stats["messages"], envelopes + deletes, "every order line change is there: {stats}");
+    for (op, n) in &want_ops {
+        assert_eq!(stats["ops"][op], *n, "op {op}: {stats}");
+    }
+}
+
+#[test]
+fn broker_restart_while_run_consumes_still_gives_the_reference() {
+    let input = erpgen(100_000, 7);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (want, got, store) =
+        (dir.path().join("want"), dir.path().join("got"), dir.path().join("erp.db"));
+    reference(&input, &want);
+    let text = std::fs::read_to_string(&input).expect("read input");
+    let lines: Vec<&str> = text.lines().collect();
+    let half = dir.path().join("half.jsonl");
+    std::fs::write(&half, lines[..lines.len() / 2].join("\n") + "\n").expect("write half");
+    let mut broker = Tansu::start_sqlite();
+
+    // The first half is in Kafka; `caudal run` (not stopping at the end) consumes it.
+    capture(&half, broker.brokers());
+    let settings = "trigger_interval = \"20ms\"";
+    let pipeline = kafka_pipeline(dir.path(), broker.brokers(), settings);
+    let pipeline_text = std::fs::read_to_string(&pipeline).expect("read pipeline");
+    std::fs::write(&pipeline, pipeline_text.replace("exit_at_end = true", "exit_at_end = false"))
+        .expect("write pipeline");
+    let log = dir.path().join("run.log");
+    let mut child = caudal()
+        .arg("run")
+        .arg(&pipeline)
+        .arg("--store")
+        .arg(&store)
+        .arg("-q")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn caudal run");
+    let wait_for = |n: usize, child: &mut std::process::Child| {
+        let started = Instant::now();
+        while committed(&store) < n as i64 {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(child.try_wait().expect("wait").is_none(), "run ended early: {text}");
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "{n} events not committed: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(lines.len() / 2, &mut child);
+
+    // The broker goes away under the consumer and comes back with its log.
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    broker.start_again();
+
+    // The rest: capture resumes after the half file's last line (same bytes), and
+    // the same `caudal run` reads it through its reconnected consumer.
+    capture(&input, broker.brokers());
+    wait_for(lines.len(), &mut child);
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("send SIGINT");
+    assert!(status.success(), "kill -INT");
+    let status = child.wait().expect("wait");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "run failed: {text}");
+    assert!(
+        text.contains("retrying") || text.contains("kafka client error"),
+        "the consumer saw the broker go: {text}"
+    );
+    export(&store, &got);
+    assert_same_answer(&want, &got);
+}
+
+#[test]
+fn unreadable_inputs_go_through_kafka_to_quarantine_with_their_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(erpgen(20_000, 7)).expect("read input");
+    let mut lines: Vec<&str> = text.lines().take(300).collect();
+    let malformed = "{\"topic\": \"erp_db.orders\", \"value\": {not json";
+    let unknown = r#"{"topic":"erp_db.invoices","key":{"id":1},"value":{"before":null,"after":{"id":1},"source":{"table":"invoices","db":"erp_db"},"op":"c","ts_ms":1}}"#;
+    lines.insert(100, malformed);
+    lines.push(unknown);
+    let input = dir.path().join("dirty.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
+    let broker = Tansu::start();
+    capture(&input, broker.brokers());
+    let pipeline = kafka_pipeline(dir.path(), broker.brokers(), "trigger_interval = \"1s\"");
+    let store = dir.path().join("erp.db");
+    ok(caudal().arg("run").arg(&pipeline).arg("--store").arg(&store).arg("-q"));
+
+    let db = rusqlite::Connection::open(&store).expect("open store");
+    let mut stmt = db
+        .prepare(
+            "SELECT reason, origin, payload FROM quarantine WHERE stage = 'decode' ORDER BY origin",
+        )
+        .expect("prepare");
+    let rows: Vec<(String, i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("malformed_json".to_owned(), 101, malformed.to_owned()),
+            ("unknown_table".to_owned(), lines.len() as i64, unknown.to_owned()),
+        ],
+        "each unreadable line is quarantined once, with its line number and bytes"
+    );
+}
+
+/// The simulator keeps no input bytes: capture encodes each envelope itself. Through
+/// Kafka, the result equals the simulator run straight into SQLite.
+#[test]
+fn simulator_through_kafka_equals_the_direct_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Tansu::start();
+    let text = std::fs::read_to_string(erp_pipeline()).expect("read pipeline");
+    let simulate = "[source]\ntype = \"simulate\"\nrate = \"max\"\nevents = 30000\nstart = \"2026-01-05T08:00:00Z\"\n";
+    let sim = dir.path().join("sim.toml");
+    std::fs::write(
+        &sim,
+        text.replace("[source]\ntype = \"file\"\npath = \"erp.jsonl\"\n", simulate),
+    )
+    .expect("write pipeline");
+    let (direct, via) = (dir.path().join("direct.db"), dir.path().join("via.db"));
+    ok(caudal().arg("run").arg(&sim).arg("--store").arg(&direct).arg("-q"));
+    ok(caudal().arg("capture").arg(&sim).arg("--brokers").arg(broker.brokers()));
+    let pipeline = kafka_pipeline(dir.path(), broker.brokers(), "trigger_interval = \"1s\"");
+    ok(caudal().arg("run").arg(&pipeline).arg("--store").arg(&via).arg("-q"));
+    let (want, got) = (dir.path().join("want"), dir.path().join("got"));
+    export(&direct, &want);
+    export(&via, &got);
+    assert_same_answer(&want, &got);
+}
