@@ -320,7 +320,7 @@ impl KafkaSource {
             }
             let checkpoint: Offsets = parts.iter().map(|p| (p.name.to_string(), p.next)).collect();
             let checkpoint = Checkpoint(serde_json::to_string(&checkpoint).unwrap_or_default());
-            let batch = Batch { events, checkpoint, bytes: Some(bytes) };
+            let batch = Batch { events, checkpoint, bytes: Some(bytes), caught_up_ms: None };
             if out.blocking_send(batch).is_err() {
                 return Err(CaptureError::Closed);
             }
