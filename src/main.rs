@@ -68,6 +68,24 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// The processing role: reads the pipeline's tables from Kafka (the topics
+    /// `caudal capture` writes, or Debezium's), processes and stores them, whatever
+    /// the file's `[source]` says. Offsets are committed in the store's transaction.
+    Process {
+        pipeline: PathBuf,
+        /// Overrides `kafka.brokers`, e.g. 127.0.0.1:9092.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Overrides the store: a SQLite path, or a postgres:// URL.
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Stop once every partition reached the end it had at start (replays, tests).
+        #[arg(long)]
+        exit_at_end: bool,
+        /// No progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Runs a pipeline's source and publishes every change to Kafka, one topic per
     /// table (`[kafka]` in the pipeline file), until the source ends or Ctrl-C.
     Capture {
@@ -235,6 +253,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 threads: threads.unwrap_or_else(topology::default_threads),
                 use_store: true,
             };
+            run_with_progress(Arc::new(spec), options, !quiet, false)
+        }
+        Command::Process { pipeline, brokers, store, exit_at_end, quiet } => {
+            let mut spec = config::load(&pipeline)?;
+            if let Some(brokers) = brokers {
+                spec.kafka.brokers = brokers;
+            }
+            // A `[source] type = "kafka"` keeps its topics; any other source is what
+            // `capture` reads, so this role reads the topics capture writes.
+            let topics = match &spec.source {
+                SourceSpec::Kafka(k) => k.topics.clone(),
+                _ => spec.kafka.data_topics(&spec.catalog),
+            };
+            spec.source = SourceSpec::Kafka(config::spec::KafkaSourceSpec {
+                brokers: spec.kafka.brokers.clone(),
+                topics,
+                exit_at_end,
+                group: spec.kafka.group.clone(),
+            });
+            if let Some(store) = store {
+                spec.store = Some(store_arg(store, spec.store.as_ref()));
+            }
+            let options = RunOptions { threads: 1, use_store: true };
             run_with_progress(Arc::new(spec), options, !quiet, false)
         }
         Command::Capture { pipeline, input, brokers, threads } => {

@@ -80,6 +80,8 @@ struct Part {
     low: i64,
     /// The end a fetch response first reported, for `exit_at_end`.
     fetched_high: Option<i64>,
+    /// Whether a gap in this partition's offsets was already reported.
+    gap_warned: bool,
     /// The topic name for librdkafka calls.
     topic_c: std::ffi::CString,
     partition: i32,
@@ -186,6 +188,7 @@ impl KafkaSource {
                     high,
                     low,
                     fetched_high: None,
+                    gap_warned: false,
                     topic_c,
                     partition: p.id(),
                 });
@@ -285,6 +288,13 @@ impl KafkaSource {
                 let part = &mut parts[pi];
                 if msg.offset() < part.next {
                     continue; // already read (a fetch repeated after a reconnect)
+                }
+                if msg.offset() > part.next && !part.gap_warned {
+                    // Compaction leaves gaps; otherwise the broker skipped messages
+                    // (tansu 0.6's memory storage does after a mid-batch seek).
+                    warn!(partition = %part.name, from = part.next, to = msg.offset(),
+                        "kafka skipped offsets: compaction, or a broker that lost messages");
+                    part.gap_warned = true;
                 }
                 part.next = msg.offset() + 1;
                 read_any = true;
