@@ -10,9 +10,12 @@ pub mod export;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
-use crate::event::output::{Commit, QuarantineRecord};
+use crate::event::output::{Commit, QuarantineRecord, Stage};
 use crate::event::{Checkpoint, Row, TableId};
 
 /// What a store had durable at the last commit.
@@ -80,4 +83,42 @@ pub trait Sink: Send {
     /// Takes an `Arc` so a caller can retry the same commit after a transient error
     /// without copying its rows.
     async fn write(&mut self, commit: std::sync::Arc<Commit>) -> Result<Ack, StoreError>;
+}
+
+/// One `quarantine` row as every store reads it back: id, table, key, stage, reason,
+/// detail, position, origin, payload.
+pub(crate) type QuarantineRow = (
+    i64,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+/// Turns a stored quarantine row into a record; `reasons` interns the reason codes,
+/// which thousands of records share.
+pub(crate) fn quarantine_record(
+    row: QuarantineRow,
+    reasons: &mut HashMap<String, Arc<str>>,
+) -> Result<QuarantineRecord, StoreError> {
+    let (id, table, key, stage, reason, detail, position, origin, payload) = row;
+    let stage = Stage::from_code(&stage).ok_or_else(|| StoreError::Definite {
+        message: format!("quarantine record {id} has an unknown stage `{stage}`"),
+        source: None,
+    })?;
+    let reason = reasons.entry(reason).or_insert_with_key(|r| Arc::from(r.as_str())).clone();
+    Ok(QuarantineRecord {
+        table,
+        key,
+        stage,
+        reason,
+        detail: detail.unwrap_or_default(),
+        position,
+        origin: origin.and_then(|o| u64::try_from(o).ok()).unwrap_or(0),
+        payload: payload.unwrap_or_default(),
+    })
 }

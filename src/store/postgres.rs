@@ -68,7 +68,7 @@ use super::sqlite::group_key;
 use super::{Ack, Recovered, Sink, StoreError};
 use crate::config::spec::{Agg, GoldSpec};
 use crate::config::PipelineSpec;
-use crate::event::output::{Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverRow, Stage};
+use crate::event::output::{Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverRow};
 use crate::event::{Checkpoint, ColumnType, Key, Row, TableId, TableSchema, Value};
 
 /// The stream a sink writes its checkpoint under when none is configured.
@@ -1349,22 +1349,8 @@ async fn read_open_quarantine(tx: &Transaction<'_>) -> Result<Vec<QuarantineReco
                 r.try_get::<_, Option<String>>(8)?,
             ))
         };
-        let (id, table, key, stage, reason, detail, position, origin, payload) =
-            read().map_err(|e| pg_error(e, context()))?;
-        let stage = Stage::from_code(&stage).ok_or_else(|| {
-            definite(format!("quarantine record {id} has an unknown stage `{stage}`"))
-        })?;
-        let reason = reasons.entry(reason).or_insert_with_key(|r| Arc::from(r.as_str())).clone();
-        out.push(QuarantineRecord {
-            table,
-            key,
-            stage,
-            reason,
-            detail: detail.unwrap_or_default(),
-            position,
-            origin: origin.and_then(|o| u64::try_from(o).ok()).unwrap_or(0),
-            payload: payload.unwrap_or_default(),
-        });
+        let row = read().map_err(|e| pg_error(e, context()))?;
+        out.push(super::quarantine_record(row, &mut reasons)?);
     }
     Ok(out)
 }

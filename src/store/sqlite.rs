@@ -57,7 +57,7 @@ use super::{Ack, Recovered, Sink, StoreError};
 use crate::config::spec::GoldSpec;
 use crate::config::PipelineSpec;
 use crate::event::output::{
-    Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverChange, SilverRow, Stage,
+    Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverChange, SilverRow,
 };
 use crate::event::{time, Checkpoint, ColumnType, Key, Row, TableId, TableSchema, Value};
 
@@ -1117,28 +1117,15 @@ fn read_open_quarantine(conn: &Connection) -> Result<Vec<QuarantineRecord>, Stor
                 r.get::<_, Option<String>>(8)?,
             ))
         };
-        let (id, table, key, stage, reason, detail, position, origin, payload) =
-            read().map_err(|e| sql_error(e, context()))?;
-        let stage = Stage::from_code(&stage).ok_or_else(|| {
-            definite(format!("quarantine record {id} has an unknown stage `{stage}`"))
-        })?;
-        let reason = reasons.entry(reason).or_insert_with_key(|r| Arc::from(r.as_str())).clone();
-        out.push(QuarantineRecord {
-            table,
-            key,
-            stage,
-            reason,
-            detail: detail.unwrap_or_default(),
-            position,
-            origin: origin.and_then(|o| u64::try_from(o).ok()).unwrap_or(0),
-            payload: payload.unwrap_or_default(),
-        });
+        let row = read().map_err(|e| sql_error(e, context()))?;
+        out.push(super::quarantine_record(row, &mut reasons)?);
     }
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::event::output::Stage;
     use std::str::FromStr;
 
     use super::*;
