@@ -65,7 +65,7 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use tokio_postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
 
 use super::sqlite::group_key;
-use super::{Ack, Recovered, Sink, StoreError};
+use super::{ident, Ack, Recovered, Sink, StoreError};
 use crate::config::spec::{Agg, GoldSpec};
 use crate::config::PipelineSpec;
 use crate::event::output::{Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverRow};
@@ -551,14 +551,7 @@ impl GoldTable {
              WHERE t.\"window_start\" = d.s AND t.\"group_key\" = d.k"
         );
         let clear = format!("DELETE FROM {quoted}");
-        let groups: Vec<String> = g.group_by.iter().map(|(n, _)| ident(n)).collect();
-        let measures: Vec<String> = g.measures.iter().map(|m| ident(&m.name)).collect();
-        let mut order = vec![r#""window_start""#.to_owned()];
-        order.extend(groups.iter().cloned());
-        let mut selected = order.clone();
-        selected.extend(measures);
-        let select =
-            format!("SELECT {} FROM {quoted} ORDER BY {}", selected.join(", "), order.join(", "));
+        let select = super::gold_select(&quoted, g);
         Ok(Self {
             table,
             groups: g.group_by.len(),
@@ -627,10 +620,6 @@ fn wire_type(ty: ColumnType) -> Type {
 }
 
 /// A double-quoted SQL identifier.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 fn create_sql(quoted: &str, columns: &[(String, &'static str)], key_list: &str) -> String {
     let defs =
         columns.iter().map(|(n, t)| format!("{} {t}", ident(n))).collect::<Vec<_>>().join(", ");

@@ -53,7 +53,7 @@ use rusqlite::types::{ToSql, ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{CachedStatement, Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use rust_decimal::Decimal;
 
-use super::{Ack, Recovered, Sink, StoreError};
+use super::{ident, Ack, Recovered, Sink, StoreError};
 use crate::config::spec::GoldSpec;
 use crate::config::PipelineSpec;
 use crate::event::output::{
@@ -443,14 +443,7 @@ impl GoldTable {
         let delete =
             format!("DELETE FROM {quoted} WHERE \"window_start\" = ?1 AND \"group_key\" = ?2");
         let clear = format!("DELETE FROM {quoted}");
-        let groups: Vec<String> = g.group_by.iter().map(|(n, _)| ident(n)).collect();
-        let measures: Vec<String> = g.measures.iter().map(|m| ident(&m.name)).collect();
-        let mut order = vec![r#""window_start""#.to_owned()];
-        order.extend(groups.iter().cloned());
-        let mut selected = order.clone();
-        selected.extend(measures);
-        let select =
-            format!("SELECT {} FROM {quoted} ORDER BY {}", selected.join(", "), order.join(", "));
+        let select = super::gold_select(&quoted, g);
         Ok(Self {
             table,
             groups: g.group_by.len(),
@@ -488,10 +481,6 @@ fn affinity(ty: ColumnType) -> &'static str {
 }
 
 /// A double-quoted SQL identifier.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 fn column_def(name: &str, decl: &str) -> String {
     if decl.is_empty() {
         ident(name)
