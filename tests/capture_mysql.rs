@@ -227,18 +227,7 @@ async fn snapshot_then_streamed_inserts_updates_and_deletes_arrive_in_order() {
 async fn resuming_from_a_checkpoint_yields_exactly_the_changes_after_it() {
     let server = MariaDb::start();
     let db = "cdc_resume";
-    server.create_db(db).await;
-    server
-        .exec(
-            db,
-            &[
-                "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20))",
-                "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')",
-            ],
-        )
-        .await;
-    let catalog =
-        Arc::new(Catalog::new(vec![table("t", &[("id", "int"), ("v", "string")], &["id"])]));
+    let catalog = three_row_table(&server, db).await;
     let mut first = start(&server.url(db), &catalog, None);
     first.batches(3).await;
     server
@@ -540,4 +529,19 @@ async fn a_dropped_connection_reconnects_and_resumes_without_gaps_or_duplicates(
     assert_eq!(ids, [&Value::Int(11), &Value::Int(12)]);
     run.assert_quiet(Duration::from_millis(500)).await;
     run.stop().await;
+}
+
+/// Creates `db` with a table `t (id, v)` of three rows; returns its catalog.
+pub(crate) async fn three_row_table(server: &MariaDb, db: &str) -> Arc<Catalog> {
+    server.create_db(db).await;
+    server
+        .exec(
+            db,
+            &[
+                "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20))",
+                "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')",
+            ],
+        )
+        .await;
+    Arc::new(Catalog::new(vec![table("t", &[("id", "int"), ("v", "string")], &["id"])]))
 }

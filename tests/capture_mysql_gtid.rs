@@ -17,7 +17,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::capture_mysql::{
-    binlog_pos, checkpoint, start, table, types_insert, value, TYPES, TYPES_DDL, WAIT,
+    binlog_pos, checkpoint, start, table, three_row_table, types_insert, value, TYPES, TYPES_DDL,
+    WAIT,
 };
 use crate::support::manifest_dir;
 use crate::support::mariadb::MariaDb;
@@ -89,18 +90,7 @@ async fn binlog_files(conn: &mut mysql_async::Conn) -> Vec<String> {
 async fn changes_carry_gtids_and_resume_by_gtid_after_the_file_was_purged() {
     let server = MariaDb::start();
     let db = "cdc_gtid";
-    server.create_db(db).await;
-    server
-        .exec(
-            db,
-            &[
-                "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20))",
-                "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')",
-            ],
-        )
-        .await;
-    let catalog =
-        Arc::new(Catalog::new(vec![table("t", &[("id", "int"), ("v", "string")], &["id"])]));
+    let catalog = three_row_table(&server, db).await;
     let mut conn = server.conn(db).await;
 
     // The snapshot's GTID position is the server's for the snapshot's file/offset.
