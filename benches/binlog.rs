@@ -94,8 +94,15 @@ async fn main() {
         rows.into_iter().next()
     };
     let (file, _) = first_file.expect("a binlog file");
-    let resume =
-        MysqlCheckpoint { file, pos: 4, gtid: None, skip: None, snapshot: None, origin: 0 };
+    let resume = MysqlCheckpoint {
+        file,
+        pos: 4,
+        gtid: None,
+        skip: None,
+        snapshot: None,
+        origin: 0,
+        schemas: None,
+    };
     let resume = Checkpoint(serde_json::to_string(&resume).expect("checkpoint"));
     let (tx, mut rx) = caudal::bus::memory(64);
     let shutdown = CancellationToken::new();

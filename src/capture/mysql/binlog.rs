@@ -30,14 +30,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use mysql_async::binlog::events::{EventData, RowsEventData};
+use mysql_async::binlog::events::{EventData, RowsEventData, TableMapEvent};
 use mysql_async::binlog::row::BinlogRow;
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn, Opts, Row};
 
+use super::ddl::{self, Ddl};
 use super::gtid::{Gtid, GtidSet};
 use super::schema::{self, driver_error, DbTable};
-use super::{connect, send, Capture, MysqlCheckpoint, RowChange, BATCH_INTERVAL, BATCH_ROWS};
+use super::{
+    connect, send, Capture, MysqlCheckpoint, RowChange, Schemas, BATCH_INTERVAL, BATCH_ROWS,
+};
 use crate::bus;
 use crate::capture::CaptureError;
 use crate::event::{BadEvent, Batch, Event, Op, Position, Snapshot, Value};
@@ -165,7 +168,10 @@ impl Cursor {
         self.skip.is_some_and(|s| (pos, row) <= s)
     }
 
-    pub fn checkpoint(&self, origin: u64) -> MysqlCheckpoint {
+    /// The checkpoint of this point, with the schemas in force at it (DDL statements
+    /// close transactions, so the schemas at the open transaction's start are the
+    /// current ones).
+    pub fn checkpoint(&self, origin: u64, schemas: &Schemas) -> MysqlCheckpoint {
         MysqlCheckpoint {
             file: self.file.to_string(),
             pos: self.resume,
@@ -173,6 +179,7 @@ impl Cursor {
             skip: if self.in_txn { self.last_row } else { None },
             snapshot: None,
             origin,
+            schemas: Some(schemas.clone()),
         }
     }
 }
@@ -349,7 +356,7 @@ pub(crate) async fn stream(
                 Some(EventData::QueryEvent(q)) => {
                     let text = q.query().into_owned();
                     if is_ddl(&text) {
-                        reload_mentioned(cap, &mut schema_conn, &text).await?;
+                        apply_ddl(cap, &mut schema_conn, &q.schema(), &text).await?;
                     }
                     query_text = Some(text);
                 }
@@ -364,12 +371,56 @@ pub(crate) async fn stream(
                         });
                     };
                     let table = tme.table_name().into_owned();
-                    if *tme.database_name() == *cap.db && cap.is_included(&table) {
-                        let columns = usize::try_from(tme.columns_count()).unwrap_or(usize::MAX);
-                        if cap.mappings.get(&table).is_none_or(|m| m.db.columns.len() != columns) {
-                            // A schema change not seen yet (or the table is new): read it again.
+                    let ours = *tme.database_name() == *cap.db && cap.is_included(&table);
+                    let mut decodable = false;
+                    if ours {
+                        let mut fits = fits(cap, &table, tme);
+                        if let Err(why) = &fits {
+                            // The history does not fit these rows (a DDL it could not
+                            // follow, or none seen): the server's schema is right
+                            // unless a later DDL already changed it.
+                            tracing::warn!(table = %table, reason = %why, "binlog rows do not fit the known schema; reading information_schema");
                             reload(cap, &mut schema_conn, &table).await?;
+                            fits = self::fits(cap, &table, tme);
                         }
+                        if let Err(why) = &fits {
+                            // Decoding with a schema that does not fit would give wrong
+                            // values under the wrong names: each row is quarantined.
+                            let before_len = pending.len();
+                            for (row, item) in rows.rows(tme).enumerate() {
+                                let row = u32::try_from(row).unwrap_or(u32::MAX);
+                                if cursor.skipped(log_pos, row) {
+                                    continue;
+                                }
+                                cap.origin += 1;
+                                let (payload, end) = match item {
+                                    Ok((b, a)) => (raw_payload(b, a), false),
+                                    Err(_) => (String::new(), true),
+                                };
+                                pending.push(Event::Bad(BadEvent {
+                                    reason: "schema_mismatch",
+                                    detail: format!(
+                                        "row {row} of `{table}` at `{}`:{log_pos}: {why}",
+                                        cursor.file
+                                    ),
+                                    origin: cap.origin,
+                                    table: Some(table.clone()),
+                                    payload,
+                                }));
+                                cursor.last_row = Some((log_pos, row));
+                                if end {
+                                    break;
+                                }
+                            }
+                            if before_len == 0 && !pending.is_empty() {
+                                pending_since = Instant::now();
+                            }
+                        } else if let Some(m) = cap.mappings.get_mut(&table) {
+                            m.verified = Some(tme.table_id());
+                            decodable = true;
+                        }
+                    }
+                    if decodable {
                         let op = match &rows {
                             RowsEventData::WriteRowsEventV1(_)
                             | RowsEventData::WriteRowsEvent(_) => Op::Insert,
@@ -437,11 +488,11 @@ pub(crate) async fn stream(
             || (!pending.is_empty() && pending_since.elapsed() >= BATCH_INTERVAL)
             || (pending.is_empty()
                 && sent_at.elapsed() >= IDLE_CHECKPOINT
-                && cursor.checkpoint(cap.origin) != sent)
+                && cursor.checkpoint(cap.origin, &cap.schemas) != sent)
             || (pending.is_empty() && heartbeat);
         if due {
             heartbeat = false;
-            let cp = cursor.checkpoint(cap.origin);
+            let cp = cursor.checkpoint(cap.origin, &cap.schemas);
             let batch = Batch {
                 events: std::mem::take(&mut pending),
                 checkpoint: cp.token(),
@@ -543,6 +594,115 @@ pub(crate) async fn mariadb_gtid_pos(
 fn is_ddl(query: &str) -> bool {
     let first = query.split_whitespace().next().unwrap_or("");
     ["ALTER", "CREATE", "DROP", "RENAME", "TRUNCATE"].iter().any(|k| first.eq_ignore_ascii_case(k))
+        || first.starts_with("/*")
+}
+
+/// Whether the known schema of `table` fits this table map (checked once per table
+/// id: the server gives a table a new id when its definition changes).
+fn fits(cap: &Capture, table: &str, tme: &TableMapEvent<'_>) -> Result<(), String> {
+    match cap.mappings.get(table) {
+        Some(m) if m.verified == Some(tme.table_id()) => Ok(()),
+        Some(m) => m.db.fits_table_map(tme),
+        None => Err(format!("no schema known for `{table}`")),
+    }
+}
+
+/// The values of a row that fits no schema, by position, for its quarantine record.
+fn raw_payload(before: Option<BinlogRow>, after: Option<BinlogRow>) -> String {
+    let image = |row: Option<BinlogRow>| {
+        row.map(|mut r| {
+            (0..r.len())
+                .map(|i| r.take(i).map_or(serde_json::Value::Null, |v| format!("{v:?}").into()))
+                .collect::<Vec<_>>()
+        })
+    };
+    serde_json::json!({ "before": image(before), "after": image(after) }).to_string()
+}
+
+/// Applies a DDL statement to the schema history: the known schemas follow the
+/// statement; what the history cannot follow is read from the server.
+async fn apply_ddl(
+    cap: &mut Capture,
+    conn: &mut Conn,
+    default_db: &str,
+    query: &str,
+) -> Result<(), CaptureError> {
+    let db = cap.db.clone();
+    let ours = |t: &ddl::TableName| t.db.as_deref().unwrap_or(default_db) == db;
+    match ddl::parse(query) {
+        Ddl::None => {}
+        Ddl::Alter { table, changes } if ours(&table) => {
+            let Some(known) = cap.mappings.get(&table.name).map(|m| m.db.clone()) else {
+                if cap.is_included(&table.name) {
+                    reload(cap, conn, &table.name).await?;
+                }
+                return Ok(());
+            };
+            match ddl::apply(&known, &changes) {
+                Ok(after) if after.name == table.name => {
+                    if let Some(id) = cap.included_id(&table.name) {
+                        cap.set_schema(id, after);
+                    }
+                }
+                Ok(renamed) => {
+                    cap.forget_schema(&table.name);
+                    if let Some(id) = cap.included_id(&renamed.name) {
+                        cap.set_schema(id, renamed);
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(table = %table.name, reason = %why, "the schema history cannot follow a DDL statement; reading information_schema");
+                    reload(cap, conn, &table.name).await?;
+                }
+            }
+        }
+        Ddl::Alter { .. } => {}
+        Ddl::Rename(pairs) => {
+            // Schemas in flight through tables caudal does not capture (a swap
+            // through a temporary name).
+            let mut moving: std::collections::HashMap<String, DbTable> = Default::default();
+            for (from, to) in pairs {
+                let mut schema = None;
+                if ours(&from) {
+                    schema = moving
+                        .remove(&from.name)
+                        .or_else(|| cap.mappings.get(&from.name).map(|m| m.db.clone()));
+                    cap.forget_schema(&from.name);
+                }
+                if !ours(&to) {
+                    continue;
+                }
+                match (cap.included_id(&to.name), schema) {
+                    (Some(id), Some(mut s)) => {
+                        s.name.clone_from(&to.name);
+                        cap.set_schema(id, s);
+                    }
+                    (Some(_), None) => reload(cap, conn, &to.name).await?,
+                    (None, Some(s)) => {
+                        moving.insert(to.name.clone(), s);
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        Ddl::Drop(tables) => {
+            for t in tables.iter().filter(|t| ours(t)) {
+                cap.forget_schema(&t.name);
+            }
+        }
+        Ddl::Reload(tables) if tables.is_empty() => reload_mentioned(cap, conn, query).await?,
+        Ddl::Reload(tables) => {
+            let wanted: Vec<&str> = tables
+                .iter()
+                .filter(|t| ours(t) && cap.is_included(&t.name))
+                .map(|t| t.name.as_str())
+                .collect();
+            for name in wanted {
+                reload(cap, conn, name).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads again the schema of each included table a DDL statement mentions.
@@ -571,7 +731,7 @@ async fn reload(cap: &mut Capture, conn: &mut Conn, table: &str) -> Result<(), C
         Ok(()) => Ok(()),
         Err(CaptureError::Definite { message, .. }) => {
             tracing::warn!(table = %table, reason = %message, "mysql table schema unavailable");
-            cap.mappings.remove(table);
+            cap.forget_schema(table);
             Ok(())
         }
         Err(e) => Err(e),
@@ -608,6 +768,7 @@ mod tests {
     fn cursor() -> Cursor {
         Cursor::new(
             &MysqlCheckpoint {
+                schemas: None,
                 file: "mysql-bin.000001".into(),
                 pos: 100,
                 gtid: None,
@@ -626,10 +787,10 @@ mod tests {
         c.advance(TABLE_MAP, 200, false, None);
         c.last_row = Some((300, 1));
         c.advance(23, 300, false, None);
-        let cp = c.checkpoint(9);
+        let cp = c.checkpoint(9, &Schemas::default());
         assert_eq!((cp.pos, cp.skip), (100, Some((300, 1))));
         c.advance(XID, 330, false, None);
-        let cp = c.checkpoint(9);
+        let cp = c.checkpoint(9, &Schemas::default());
         assert_eq!((cp.pos, cp.skip), (330, None));
     }
 
@@ -660,6 +821,7 @@ mod tests {
     fn resumed_transactions_skip_delivered_rows_only() {
         let c = Cursor::new(
             &MysqlCheckpoint {
+                schemas: None,
                 file: "f.1".into(),
                 pos: 100,
                 gtid: None,
@@ -694,17 +856,17 @@ mod tests {
         assert_eq!(c.gtid(), Some("0-1-42"));
         c.advance(TABLE_MAP, 200, false, None);
         c.last_row = Some((300, 0));
-        let open = c.checkpoint(1);
+        let open = c.checkpoint(1, &Schemas::default());
         assert_eq!((open.pos, open.gtid.as_deref()), (100, Some("0-1-41")), "open txn excluded");
         c.advance(XID, 330, false, None);
-        let done = c.checkpoint(1);
+        let done = c.checkpoint(1, &Schemas::default());
         assert_eq!((done.pos, done.gtid.as_deref()), (330, Some("0-1-42")));
         assert_eq!(c.gtid(), None);
         // A DDL is its own transaction, closed by its query event.
         c.advance(MARIADB_GTID, 380, false, None);
         c.begin_gtid(Gtid::Mariadb { domain: 0, server: 1, seq: 43 });
         c.advance(QUERY, 450, false, Some("CREATE TABLE x (id INT)"));
-        assert_eq!(c.checkpoint(1).gtid.as_deref(), Some("0-1-43"));
+        assert_eq!(c.checkpoint(1, &Schemas::default()).gtid.as_deref(), Some("0-1-43"));
     }
 
     #[test]

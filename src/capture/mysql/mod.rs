@@ -51,17 +51,22 @@
 //! MySQL 8 (GTID events, `COM_BINLOG_DUMP_GTID`, `Executed_Gtid_Set`) is written
 //! from its documentation and not tested here; MariaDB is.
 //!
-//! Not yet: DDL-aware schema history (a schema change is picked up from
-//! `information_schema` when it is seen, so events written before it and read
-//! after it may not decode), watermark-based (lock-free, incremental) snapshots of
-//! tables that change during a long snapshot.
+//! **Schema history** ([`ddl`]). Rows are decoded with the schema of their point
+//! in the binlog: DDL statements are applied to the known schemas as they stream
+//! by, the schemas are part of every checkpoint, and each table map is checked
+//! against its table's schema before rows are decoded (rows that fit no known
+//! schema are quarantined as `schema_mismatch`).
+//!
+//! Not yet: watermark-based (lock-free, incremental) snapshots of tables that
+//! change during a long snapshot.
 
 pub mod binlog;
+mod ddl;
 mod gtid;
 pub mod schema;
 pub mod snapshot;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,6 +177,24 @@ pub struct MysqlCheckpoint {
     /// Changes delivered so far (the next change's `origin` is one more).
     #[serde(default)]
     pub origin: u64,
+    /// The server schemas of the included tables at `pos` (the schema history,
+    /// see [`ddl`]): a restart reads the binlog from `pos` with these, not with
+    /// `information_schema`, which may already show later DDL. Absent in
+    /// checkpoints written before schemas were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schemas: Option<Schemas>,
+}
+
+/// Server schemas by table name; shared, since every checkpoint carries them and
+/// they change only with DDL.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Schemas(Arc<BTreeMap<String, DbTable>>);
+
+impl Schemas {
+    pub(crate) fn get(&self, table: &str) -> Option<&DbTable> {
+        self.0.get(table)
+    }
 }
 
 impl MysqlCheckpoint {
@@ -197,6 +220,9 @@ pub(crate) struct Mapping {
     from_db: Vec<Option<usize>>,
     /// Server columns the catalog does not declare (kept in `Change.extra`).
     extra: Vec<usize>,
+    /// The binlog table id `db` was last checked against (see
+    /// [`DbTable::fits_table_map`]).
+    pub verified: Option<u64>,
 }
 
 impl Mapping {
@@ -209,7 +235,7 @@ impl Mapping {
         let extra = (0..db.columns.len())
             .filter(|&i| schema.column_index(&db.columns[i].name).is_none())
             .collect();
-        Self { table, db, from_db, extra }
+        Self { table, db, from_db, extra, verified: None }
     }
 
     /// Builds the catalog row (and the extra columns) from one native value per
@@ -273,6 +299,8 @@ pub(crate) struct Capture {
     /// Included tables in catalog order.
     pub tables: Vec<(TableId, String)>,
     pub mappings: HashMap<String, Mapping>,
+    /// The server schemas of `mappings`, for checkpoints.
+    pub schemas: Schemas,
     pub origin: u64,
     pub server: ServerInfo,
     metas: HashMap<u64, Arc<SourceMeta>>,
@@ -368,6 +396,33 @@ impl Capture {
         }
     }
 
+    /// Maps an included table (by catalog id) with this server schema.
+    pub fn set_schema(&mut self, id: TableId, db: DbTable) {
+        let name = self.catalog.table(id).name.to_string();
+        let mapping = Mapping::new(id, self.catalog.table(id), db);
+        self.mappings.insert(name, mapping);
+        self.refresh_schemas();
+    }
+
+    /// Forgets a table's schema (dropped, renamed away, unreadable): its rows
+    /// events, if any remain, become bad events.
+    pub fn forget_schema(&mut self, table: &str) {
+        if self.mappings.remove(table).is_some() {
+            self.refresh_schemas();
+        }
+    }
+
+    fn refresh_schemas(&mut self) {
+        self.schemas = Schemas(Arc::new(
+            self.mappings.iter().map(|(name, m)| (name.clone(), m.db.clone())).collect(),
+        ));
+    }
+
+    /// The catalog id of an included table.
+    pub fn included_id(&self, table: &str) -> Option<TableId> {
+        self.tables.iter().find(|(_, t)| t == table).map(|&(id, _)| id)
+    }
+
     /// Reads (again) the server schema of an included table.
     ///
     /// # Errors
@@ -378,8 +433,7 @@ impl Capture {
         };
         match schema::load_table(conn, &self.db, table).await? {
             Some(db) => {
-                let mapping = Mapping::new(id, self.catalog.table(id), db);
-                self.mappings.insert(table.to_owned(), mapping);
+                self.set_schema(id, db);
                 Ok(())
             }
             None => Err(CaptureError::Definite {
@@ -508,6 +562,7 @@ async fn run_once(
         server_id: source.config.server_id,
         tables: tables.to_vec(),
         mappings: HashMap::new(),
+        schemas: Schemas::default(),
         origin: checkpoint.as_ref().map_or(0, |c| c.origin),
         server: server.clone(),
         metas: HashMap::new(),
@@ -517,8 +572,15 @@ async fn run_once(
     if let Some(cp) = checkpoint.as_ref() {
         cap.origin = cp.origin;
     }
-    for (_, name) in tables {
-        cap.load_mapping(&mut conn, name).await?;
+    // Streaming resumes with the schemas of its checkpoint (the schema history);
+    // a snapshot, and tables the checkpoint does not know, read the server's.
+    let history =
+        checkpoint.as_ref().filter(|c| c.snapshot.is_none()).and_then(|c| c.schemas.clone());
+    for &(id, ref name) in tables {
+        match history.as_ref().and_then(|h| h.get(name)) {
+            Some(db) => cap.set_schema(id, db.clone()),
+            None => cap.load_mapping(&mut conn, name).await?,
+        }
     }
     let needs_snapshot = checkpoint.as_ref().is_none_or(|c| c.snapshot.is_some());
     if needs_snapshot {
@@ -555,6 +617,15 @@ mod tests {
                 after: Some(vec![serde_json::json!(41)]),
             }),
             origin: 7,
+            schemas: Some(Schemas(Arc::new(BTreeMap::from([(
+                "orders".to_owned(),
+                DbTable {
+                    name: "orders".into(),
+                    columns: vec![DbColumn { name: "id".into(), kind: DbKind::Decimal }],
+                    key: vec![0],
+                    default_latin1: true,
+                },
+            )])))),
         };
         assert_eq!(MysqlCheckpoint::parse(&cp.token()).unwrap(), Some(cp));
         assert_eq!(MysqlCheckpoint::parse(&Checkpoint::default()).unwrap(), None);
@@ -582,6 +653,7 @@ mod tests {
                 DbColumn { name: "note".into(), kind: DbKind::Text { latin1: false } },
             ],
             key: vec![0],
+            default_latin1: false,
         };
         let m = Mapping::new(0, &schema, db);
         let (row, extra) =

@@ -18,9 +18,12 @@
 use std::str::FromStr;
 
 use base64::Engine as _;
+use mysql_async::binlog::events::TableMapEvent;
+use mysql_async::consts::ColumnType as BinlogType;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row, Value as MyValue};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 
 use crate::capture::CaptureError;
 use crate::event::{time, ColumnType, Value};
@@ -38,7 +41,7 @@ pub(crate) enum Via {
 }
 
 /// The MySQL type of a column, as far as conversion cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum DbKind {
     /// TINYINT..BIGINT with the width in bits (for reading unsigned values the
     /// binlog decoded as signed).
@@ -68,19 +71,92 @@ pub(crate) enum DbKind {
 }
 
 /// A column as the server declares it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DbColumn {
     pub name: String,
     pub kind: DbKind,
 }
 
 /// A table as the server declares it: columns in ordinal order (the binlog order).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DbTable {
     pub name: String,
     pub columns: Vec<DbColumn>,
     /// Indexes into `columns` of the primary key, in key order; empty without one.
     pub key: Vec<usize>,
+    /// Whether text columns defined without a charset are latin1 (the table's
+    /// default charset), for columns a DDL statement adds.
+    #[serde(default)]
+    pub default_latin1: bool,
+}
+
+impl DbTable {
+    /// Checks this schema against a binlog table map: the same number of columns,
+    /// each of a type the column's kind is logged as. A schema that fails it is
+    /// not the one the rows were written with.
+    ///
+    /// # Errors
+    /// The first column that does not fit, for the log and the bad event.
+    pub fn fits_table_map(&self, tme: &TableMapEvent<'_>) -> Result<(), String> {
+        let count = usize::try_from(tme.columns_count()).unwrap_or(usize::MAX);
+        if count != self.columns.len() {
+            return Err(format!(
+                "the binlog has {count} columns for `{}`, its schema {}",
+                self.name,
+                self.columns.len()
+            ));
+        }
+        for (i, col) in self.columns.iter().enumerate() {
+            match tme.get_column_type(i) {
+                Ok(Some(t)) if logged_as(&col.kind, t) => {}
+                Ok(Some(t)) => {
+                    return Err(format!(
+                        "column {i} of `{}` is logged as {t:?}, its schema says `{}` {:?}",
+                        self.name, col.name, col.kind
+                    ))
+                }
+                // Types this decoder does not know are left to the row decoder.
+                Ok(None) | Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a column of this kind can be logged with this binlog type.
+fn logged_as(kind: &DbKind, t: BinlogType) -> bool {
+    use BinlogType as T;
+    let text = matches!(
+        t,
+        T::MYSQL_TYPE_VARCHAR
+            | T::MYSQL_TYPE_VAR_STRING
+            | T::MYSQL_TYPE_STRING
+            | T::MYSQL_TYPE_TINY_BLOB
+            | T::MYSQL_TYPE_MEDIUM_BLOB
+            | T::MYSQL_TYPE_LONG_BLOB
+            | T::MYSQL_TYPE_BLOB
+    );
+    match kind {
+        DbKind::Integer { bits: 8, .. } => t == T::MYSQL_TYPE_TINY,
+        DbKind::Integer { bits: 16, .. } => t == T::MYSQL_TYPE_SHORT,
+        DbKind::Integer { bits: 24, .. } => t == T::MYSQL_TYPE_INT24,
+        DbKind::Integer { bits: 32, .. } => t == T::MYSQL_TYPE_LONG,
+        DbKind::Integer { .. } => t == T::MYSQL_TYPE_LONGLONG,
+        DbKind::Decimal => matches!(t, T::MYSQL_TYPE_NEWDECIMAL | T::MYSQL_TYPE_DECIMAL),
+        DbKind::Float => matches!(t, T::MYSQL_TYPE_FLOAT | T::MYSQL_TYPE_DOUBLE),
+        DbKind::Bit { .. } => t == T::MYSQL_TYPE_BIT,
+        DbKind::Date => matches!(t, T::MYSQL_TYPE_DATE | T::MYSQL_TYPE_NEWDATE),
+        DbKind::Datetime => matches!(t, T::MYSQL_TYPE_DATETIME | T::MYSQL_TYPE_DATETIME2),
+        DbKind::Timestamp => matches!(t, T::MYSQL_TYPE_TIMESTAMP | T::MYSQL_TYPE_TIMESTAMP2),
+        DbKind::Time => matches!(t, T::MYSQL_TYPE_TIME | T::MYSQL_TYPE_TIME2),
+        DbKind::Year => t == T::MYSQL_TYPE_YEAR,
+        // MariaDB's JSON is a LONGTEXT.
+        DbKind::Text { .. } | DbKind::Json => text || t == T::MYSQL_TYPE_JSON,
+        DbKind::Enum(_) => matches!(t, T::MYSQL_TYPE_ENUM | T::MYSQL_TYPE_STRING),
+        DbKind::Set(_) => matches!(t, T::MYSQL_TYPE_SET | T::MYSQL_TYPE_STRING),
+        // Binary strings, and types read as bytes whatever they are.
+        DbKind::Binary => true,
+    }
 }
 
 /// What the server is, as found by [`check_server`].
@@ -325,7 +401,16 @@ pub(crate) async fn load_table(
         .await
         .map_err(|e| driver_error(ctx, e))?;
     let key = key_names.iter().filter_map(|k| columns.iter().position(|c| &c.name == k)).collect();
-    Ok(Some(DbTable { name: table.to_owned(), columns, key }))
+    let collation: Option<Option<String>> = conn
+        .exec_first(
+            "SELECT TABLE_COLLATION FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (db, table),
+        )
+        .await
+        .map_err(|e| driver_error(ctx, e))?;
+    let default_latin1 = collation.flatten().is_some_and(|c| c.starts_with("latin1"));
+    Ok(Some(DbTable { name: table.to_owned(), columns, key, default_latin1 }))
 }
 
 /// Classifies a column from `information_schema.COLUMNS`.

@@ -341,6 +341,7 @@ pub(crate) async fn run(
                 skip: None,
                 snapshot: next,
                 origin: cap.origin,
+                schemas: Some(cap.schemas.clone()),
             };
             let batch = Batch { events, checkpoint: cp.token(), bytes: None, caught_up_ms: None };
             if !send(out, shutdown, batch).await? {
@@ -369,6 +370,7 @@ pub(crate) async fn run(
             skip: None,
             snapshot: None,
             origin: cap.origin,
+            schemas: Some(cap.schemas.clone()),
         };
         if !send(
             out,
@@ -400,6 +402,7 @@ mod tests {
     fn table(key: Vec<usize>) -> DbTable {
         let int = DbKind::Integer { bits: 32, unsigned: false };
         DbTable {
+            default_latin1: false,
             name: "or`ders".into(),
             columns: vec![
                 DbColumn { name: "a".into(), kind: int.clone() },
