@@ -88,7 +88,11 @@ fn spawn_run(pipeline: &Path, store: &Path) -> Child {
         .arg("--store")
         .arg(store)
         .arg("-q")
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("CAUDAL_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("spawn caudal run")
 }

@@ -458,9 +458,9 @@ pub fn read_capture_checkpoint(
     let (low, high) = consumer
         .fetch_watermarks(&topic, 0, REQUEST_TIMEOUT)
         .map_err(|e| BusError::from_kafka(format!("cannot read the end of `{topic}`"), e))?;
-    if high <= low {
-        return Ok(None);
-    }
+    // `high` is not trusted to be the end: a broker may answer ListOffsets with too
+    // low an end (tansu 0.6's memory storage does), so the topic is read until the
+    // end its fetches report too. An empty topic ends at the first fetch.
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(&topic, 0, Offset::Offset(low))

@@ -886,6 +886,10 @@ impl Processor {
             }
         }
         let pending = std::mem::take(&mut self.pending);
+        // The position stays until a batch moves it: a commit with nothing new (the
+        // last one, at shutdown) must store the same checkpoint, not an empty one,
+        // or the restart would start over from a snapshot.
+        self.pending.checkpoint = pending.checkpoint.clone();
         let state = SavedState {
             dedup: self.dedup.save(),
             partitions: self

@@ -322,3 +322,20 @@ fn dedup_keeps_one_mark_per_transport_partition() {
     let commit = p.flush();
     assert!(commit.state.contains("erp_db.order_items/1"), "{}", commit.state);
 }
+
+#[test]
+fn a_commit_with_nothing_new_keeps_the_last_checkpoint() {
+    let spec = spec();
+    let mut p = Processor::new(spec.clone(), true);
+    let at = Checkpoint(r#"{"file":"mysql-bin.000001","pos":991}"#.into());
+    p.process(Batch {
+        events: vec![change(&spec, &product(20))],
+        checkpoint: at.clone(),
+        bytes: None,
+        caught_up_ms: None,
+    });
+    assert_eq!(p.flush().checkpoint, at);
+    // The shutdown commit: no batch since the last one.
+    let last = p.flush();
+    assert_eq!((last.checkpoint, last.event_count), (at, 0));
+}
