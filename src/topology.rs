@@ -286,7 +286,7 @@ impl Counted {
         {
             if *now > *before {
                 if let Some(t) = spec.catalog.tables().get(i) {
-                    metrics::counter!(telemetry::PROCESS_EVENTS_IN, "table" => t.name.clone())
+                    metrics::counter!(telemetry::PROCESS_EVENTS_IN, "table" => t.name.to_string())
                         .increment(*now - *before);
                 }
                 *before = *now;
@@ -397,7 +397,7 @@ fn record_commit(spec: &PipelineSpec, commit: &Commit, took: Duration) -> Durabl
         }
     }
     for (t, n) in tables.iter().zip(rows).filter(|(_, n)| *n > 0) {
-        metrics::counter!(telemetry::STORE_ROWS_OUT, "table" => t.name.clone()).increment(n);
+        metrics::counter!(telemetry::STORE_ROWS_OUT, "table" => t.name.to_string()).increment(n);
     }
     let mut gold = vec![0u64; spec.gold.len()];
     for g in &commit.gold {

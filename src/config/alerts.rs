@@ -206,7 +206,8 @@ fn alert_spec(
     }
     let condition = match a.kind.as_str() {
         "gold_threshold" | "gold_change" => {
-            let (g, m) = gold_measure(p, &key, a, gold)?;
+            // Resolved first, used last: the bounds' problems are reported too.
+            let gm = gold_measure(p, &key, a, gold);
             let on = match a.on.as_deref() {
                 None | Some("last_closed") => WindowPick::LastClosed,
                 Some("current") => WindowPick::Current,
@@ -226,6 +227,7 @@ fn alert_spec(
                 if a.below.is_none() && a.above.is_none() {
                     p.hint(key.clone(), None, "a threshold needs a bound", "set `below` or `above`");
                 }
+                let (g, m) = gm?;
                 Condition::GoldThreshold { gold: g, measure: m, below, above, on }
             } else {
                 let drop_percent =
@@ -240,6 +242,7 @@ fn alert_spec(
                         "set `drop_percent` or `rise_percent`, e.g. drop_percent = 50",
                     );
                 }
+                let (g, m) = gm?;
                 Condition::GoldChange { gold: g, measure: m, drop_percent, rise_percent, on }
             }
         }

@@ -210,7 +210,7 @@ impl StoreReader {
     ) -> Result<(TopLists, Option<i64>), StoreError> {
         let has = |table: &str, cols: &[&str]| {
             spec.catalog.tables().iter().any(|t| {
-                t.name == table && cols.iter().all(|c| t.columns.iter().any(|x| x.name == *c))
+                &*t.name == table && cols.iter().all(|c| t.columns.iter().any(|x| &*x.name == *c))
             })
         };
         let mut queries = Vec::new();

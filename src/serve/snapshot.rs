@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 use super::alerts::{window_totals, AlertEvent, RuleStatus};
-use super::reader::{CheckpointView, GoldView, QuarantineItem, StoreView, TopLists};
+use super::reader::{CheckpointView, QuarantineItem, StoreView, TopLists};
 use crate::config::spec::{Agg, PipelineSpec};
 use crate::topology::Progress;
 
@@ -249,7 +249,7 @@ pub fn health(
                 .iter()
                 .enumerate()
                 .map(|(i, t)| TableRate {
-                    table: t.name.clone(),
+                    table: t.name.to_string(),
                     events: p.stats.table_events.get(i).copied().unwrap_or(0),
                     per_s: per_table.get(i).copied().unwrap_or(0.0),
                 })
@@ -305,6 +305,7 @@ pub const SLOW_EVERY: Duration = Duration::from_secs(10);
 mod tests {
     use std::path::Path;
 
+    use super::super::reader::GoldView;
     use super::*;
 
     #[test]
