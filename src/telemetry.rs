@@ -109,7 +109,7 @@ fn describe() {
 /// Recent end-to-end latencies in milliseconds, for the dashboard's percentiles.
 #[derive(Debug, Clone, Default)]
 pub struct RecentLatency {
-    samples: VecDeque<u32>,
+    samples: VecDeque<u64>,
 }
 
 impl RecentLatency {
@@ -117,15 +117,15 @@ impl RecentLatency {
         if self.samples.len() == RECENT_LATENCY_CAP {
             self.samples.pop_front();
         }
-        self.samples.push_back(u32::try_from(ms.max(0)).unwrap_or(u32::MAX));
+        self.samples.push_back(u64::try_from(ms.max(0)).unwrap_or(0));
     }
 
     /// The `q` quantiles (0..=1) of the samples, nearest rank; `None` when empty.
-    pub fn quantiles(&self, qs: &[f64]) -> Option<Vec<u32>> {
+    pub fn quantiles(&self, qs: &[f64]) -> Option<Vec<u64>> {
         if self.samples.is_empty() {
             return None;
         }
-        let mut sorted: Vec<u32> = self.samples.iter().copied().collect();
+        let mut sorted: Vec<u64> = self.samples.iter().copied().collect();
         sorted.sort_unstable();
         let last = sorted.len() - 1;
         Some(

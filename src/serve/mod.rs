@@ -276,7 +276,10 @@ async fn refresh_loop(
         }
         let view = view.unwrap_or_default();
         // Top lists scan silver tables: every few seconds, not every refresh.
-        if store_error.is_none() && slow_at.is_none_or(|t| t.elapsed() >= snapshot::SLOW_EVERY) {
+        // Until they have rows (a store still filling), try at every refresh.
+        let due = slow_at.is_none_or(|t| t.elapsed() >= snapshot::SLOW_EVERY)
+            || top.products.is_empty();
+        if store_error.is_none() && due {
             slow_at = Some(tokio::time::Instant::now());
             match tokio::time::timeout(READ_TIMEOUT, reader.top(&spec, progress.is_none())).await {
                 Ok(Ok((t, newest))) => {

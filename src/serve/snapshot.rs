@@ -85,10 +85,10 @@ pub struct TableRate {
 
 #[derive(Debug, Serialize)]
 pub struct Latency {
-    pub p50: u32,
-    pub p90: u32,
-    pub p99: u32,
-    pub max: u32,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
 }
 
 #[derive(Debug, Serialize, Default)]

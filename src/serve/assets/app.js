@@ -18,7 +18,15 @@
   const clock = (ms) => new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   const ago = (s) => (s < 1 ? "now" : s < 90 ? nf.format(s) + " s ago" : s < 5400 ? nf.format(s / 60) + " min ago" : nf1.format(s / 3600) + " h ago");
 
-  function chart(id, title, xs, series, valueFmt) {
+  // Axis ticks: short ("PEN 1.2M", "12K"); the page's other numbers are in full.
+  const compact = (m) => {
+    const f = isMoney(m) && money.resolvedOptions().currency
+      ? new Intl.NumberFormat(undefined, { notation: "compact", style: "currency", currency: money.resolvedOptions().currency, maximumFractionDigits: 1 })
+      : new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+    return (v) => f.format(v);
+  };
+
+  function chart(id, title, xs, series, valueFmt, windowSecs) {
     const el = $(id);
     if (!el) return;
     const width = Math.max(260, el.clientWidth || 300);
@@ -33,8 +41,9 @@
     if (existing) existing.plot.destroy();
     const opts = {
       width, height: 220, legend: { live: false },
-      scales: { x: { time: true } },
-      axes: [{}, { size: 70, values: (u, ticks) => ticks.map((t) => valueFmt(t)) }],
+      // One window alone would make uPlot span years: pad the range by a window.
+      scales: { x: { time: true, range: (u, min, max) => (max - min < windowSecs ? [min - windowSecs, max + windowSecs] : [min, max]) } },
+      axes: [{}, { size: 64, values: (u, ticks) => ticks.map((t) => valueFmt(t)) }],
       series: [{}, ...series.map((s, i) => ({ label: s.label, stroke: palette[i % palette.length], width: 2, points: { size: 4 } }))],
     };
     charts[id] = { key, plot: new uPlot(opts, data, el) };
@@ -46,15 +55,16 @@
     const money_m = g.measures.find(isMoney) || g.measures[g.measures.length - 1];
     const counts = g.measures.filter((m) => !isMoney(m));
     $("chart-total-title").textContent = `${money_m} per ${g.window_minutes}-minute window`;
-    chart("chart-total", money_m, g.windows, [{ label: money_m, values: g.totals[money_m] || [] }], (v) => fmt(money_m, v));
+    const w = g.window_minutes * 60;
+    chart("chart-total", money_m, g.windows, [{ label: money_m, values: g.totals[money_m] || [] }], compact(money_m), w);
     g.group_by.slice(0, 2).forEach((col, i) => {
       const title = $(i === 0 ? "chart-channel-title" : "chart-category-title");
       if (title) title.textContent = `${money_m} by ${col}`;
       const byValue = g.split[col] || {};
       const series = Object.keys(byValue).sort().map((v) => ({ label: v || "(none)", values: byValue[v][money_m] || [] }));
-      chart("chart-split-" + i, col, g.windows, series, (v) => fmt(money_m, v));
+      chart("chart-split-" + i, col, g.windows, series, compact(money_m), w);
     });
-    chart("chart-counts", "counts", g.windows, counts.map((m) => ({ label: m, values: g.totals[m] || [] })), (v) => nf.format(v));
+    chart("chart-counts", "counts", g.windows, counts.map((m) => ({ label: m, values: g.totals[m] || [] })), compact("count"), w);
 
     const kpis = g.current.map((c) => {
       const pct = c.change_percent === null ? null : Number(c.change_percent);
