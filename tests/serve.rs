@@ -486,6 +486,27 @@ fn grafana_panels_query_the_postgres_store_and_name_real_metrics() {
     let pg = crate::support::postgres::Postgres::start();
     ok(caudal().arg("run").arg(erp_pipeline()).arg("--input").arg(erpgen(20_000, 7))
         .args(["--store", pg.url(), "-q"]));
+    // `caudal serve` reads the same PostgreSQL store: business panels, quarantine,
+    // checkpoint and readiness.
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut serve = spawn(
+        caudal().args(["serve", "--store", pg.url(), "--listen", &port.to_string()]),
+        &dir.path().join("serve.log"),
+    );
+    let snap = wait_snapshot(addr(port), Duration::from_secs(30), "the PostgreSQL store", |s| {
+        s["business"][0]["windows"].as_array().is_some_and(|w| !w.is_empty())
+            && s["top"]["products"].as_array().is_some_and(|p| !p.is_empty())
+    });
+    assert!(snap["store"].as_str().is_some_and(|s| s.starts_with("postgres ")), "{}", snap["store"]);
+    assert!(!snap["store"].as_str().unwrap_or("").contains("postgres@"), "no user in the label");
+    assert!(snap["quarantine"]["open_total"].as_u64() > Some(0));
+    assert!(snap["health"]["checkpoint"]["event_count"].as_i64() >= Some(20_000));
+    assert!(snap["health"]["lag_s"].is_f64(), "lag from the silver tables: {:#}", snap["health"]);
+    assert_eq!(http_get(addr(port), "/health").expect("health").0, 200);
+    let status = serve.interrupt(Duration::from_secs(20)).expect("caudal serve stops on Ctrl-C");
+    assert!(status.success(), "{status}");
+
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     rt.block_on(async {
         let (client, conn) =
