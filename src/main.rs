@@ -510,7 +510,9 @@ async fn start_serving(
     let listener = match caudal::serve::bind(addr).await {
         Ok(l) => l,
         Err(e) if !listen.required => {
-            eprintln!("warning: {e}; running without the dashboard (--listen picks another address)");
+            eprintln!(
+                "warning: {e}; running without the dashboard (--listen picks another address)"
+            );
             return Ok(None);
         }
         Err(e) => return Err(e.into()),

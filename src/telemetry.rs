@@ -46,8 +46,7 @@ pub const ALERT_NOTIFY_FAILURES: &str = "caudal_alert_notify_failures_total";
 /// Histogram buckets in seconds: batches take milliseconds, commits up to seconds,
 /// latency from milliseconds (binlog, 10 ms trigger) to minutes (a stalled store).
 const SECONDS_BUCKETS: [f64; 16] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    300.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 /// Rows sampled per commit for the latency histogram: enough for percentiles, few

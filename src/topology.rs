@@ -191,9 +191,10 @@ pub async fn run(
     let (commit_tx, commit_rx) = mpsc::channel::<Commit>(COMMIT_QUEUE);
     let sink_progress = progress.clone();
     let sink_spec = spec.clone();
-    let sink_task = tokio::spawn(async move {
-        write_commits(&sink_spec, sink, commit_rx, sink_progress).await
-    });
+    let sink_task =
+        tokio::spawn(
+            async move { write_commits(&sink_spec, sink, commit_rx, sink_progress).await },
+        );
 
     let handle = tokio::runtime::Handle::current();
     let proc_spec = spec.clone();
@@ -363,7 +364,8 @@ async fn write_commits(
                 pr.commits += 1;
                 pr.last_commit_ms = ms;
                 if let Some(newest) = durable.newest_ms {
-                    pr.newest_applied_ms = Some(pr.newest_applied_ms.map_or(newest, |n| n.max(newest)));
+                    pr.newest_applied_ms =
+                        Some(pr.newest_applied_ms.map_or(newest, |n| n.max(newest)));
                 }
                 for ms in durable.latencies_ms {
                     pr.latency.push(ms);

@@ -20,7 +20,10 @@ fn pipeline(dir: &Path, input: &Path, store: &Path, extra: &str) -> PathBuf {
     let text = text
         .replace(
             "[source]\ntype = \"file\"\npath = \"erp.jsonl\"",
-            &format!("[source]\ntype = \"file\"\npath = {:?}\nfollow = true", input.display().to_string()),
+            &format!(
+                "[source]\ntype = \"file\"\npath = {:?}\nfollow = true",
+                input.display().to_string()
+            ),
         )
         .replace("trigger_interval = \"1s\"", "trigger_interval = \"200ms\"")
         .replace("path = \"caudal.db\"", &format!("path = {:?}", store.display().to_string()));
@@ -163,7 +166,8 @@ fn dashboard_api_metrics_and_health_follow_a_running_pipeline() {
     // Server-sent events: the current snapshot at once, then the next ones.
     let mut events = std::net::TcpStream::connect(at).expect("connect events");
     events.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    std::io::Write::write_all(&mut events, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").expect("get");
+    std::io::Write::write_all(&mut events, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("get");
     let mut seen = String::new();
     let mut buf = [0u8; 65536];
     while seen.matches("event: snapshot").count() < 2 {
@@ -206,7 +210,9 @@ fn browser_shows_live_charts_and_a_number_that_changes() {
             serde_json::from_str(state.as_str().unwrap_or("{}")).expect("page state");
         if state["updates"].as_u64() >= Some(1) && state["points"].as_u64() > Some(0) {
             assert!(state["canvases"].as_u64() >= Some(4), "charts drawn: {state}");
-            assert!(state["revenue"].as_str().is_some_and(|r| r.chars().any(|c| c.is_ascii_digit())));
+            assert!(state["revenue"]
+                .as_str()
+                .is_some_and(|r| r.chars().any(|c| c.is_ascii_digit())));
             break state;
         }
         assert!(Instant::now() < until, "the page got no data: {state}");
@@ -263,7 +269,10 @@ fn transitions(posts: &[String]) -> Vec<(String, String)> {
         .iter()
         .map(|p| {
             let v: serde_json::Value = serde_json::from_str(p).expect("webhook json");
-            (v["alert"].as_str().unwrap_or("").to_owned(), v["state"].as_str().unwrap_or("").to_owned())
+            (
+                v["alert"].as_str().unwrap_or("").to_owned(),
+                v["state"].as_str().unwrap_or("").to_owned(),
+            )
         })
         .collect()
 }
@@ -364,7 +373,9 @@ notify = ["down", "hook"]
     wait_until(Duration::from_secs(20), "the firing posts", || hook.bodies().len() >= 2);
     let fired_at = snapshot(at)["alerts"]["history"]
         .as_array()
-        .and_then(|h| h.iter().filter(|e| e["state"] == "firing").map(|e| e["at_ms"].as_i64()).min())
+        .and_then(|h| {
+            h.iter().filter(|e| e["state"] == "firing").map(|e| e["at_ms"].as_i64()).min()
+        })
         .flatten()
         .expect("firing in the history");
     // The down receiver is retried in its own task: the others got theirs at once.
@@ -393,7 +404,10 @@ notify = ["down", "hook"]
     got.sort();
     assert_eq!(
         got,
-        vec![("stale".to_owned(), "resolved".to_owned()), ("stale_quiet".to_owned(), "resolved".to_owned())]
+        vec![
+            ("stale".to_owned(), "resolved".to_owned()),
+            ("stale_quiet".to_owned(), "resolved".to_owned())
+        ]
     );
     wait_until(Duration::from_secs(10), "the resolved mail", || smtp.mails().len() >= 2);
     assert!(smtp.mails()[1].contains("Subject: [RESOLVED]"), "{}", smtp.mails()[1]);
@@ -409,7 +423,9 @@ notify = ["down", "hook"]
     let history = snapshot(at)["alerts"]["history"].clone();
     let quiet = history
         .as_array()
-        .and_then(|h| h.iter().find(|e| e["alert"] == "stale_quiet" && e["state"] == "firing").cloned())
+        .and_then(|h| {
+            h.iter().find(|e| e["alert"] == "stale_quiet" && e["state"] == "firing").cloned()
+        })
         .expect("stale_quiet in the history");
     assert_eq!(quiet["notified"], false, "held back by the cooldown: {history:#}");
 
@@ -417,12 +433,16 @@ notify = ["down", "hook"]
     assert_eq!(snapshot(at)["health"]["events_total"], 600);
     let log = strip_ansi(&std::fs::read_to_string(&log).expect("log"));
     assert!(
-        log.lines().any(|l| l.contains("notification failed, retrying") && l.contains("notifier=down")),
+        log.lines()
+            .any(|l| l.contains("notification failed, retrying") && l.contains("notifier=down")),
         "{log}"
     );
     let (status, metrics) = http_get(at, "/metrics").expect("metrics");
     assert_eq!(status, 200);
-    assert!(metrics.contains("caudal_alert_firing{alert=\"stale\",severity=\"critical\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("caudal_alert_firing{alert=\"stale\",severity=\"critical\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// Grafana's `$__timeFilter(col)` over all time: the workload's event times are fixed.
@@ -445,8 +465,8 @@ fn expand_grafana_macros(sql: &str) -> String {
 #[test]
 fn grafana_panels_query_the_postgres_store_and_name_real_metrics() {
     let grafana = manifest_dir().join("deploy/grafana");
-    let datasources =
-        std::fs::read_to_string(grafana.join("provisioning/datasources/caudal.yaml")).expect("yaml");
+    let datasources = std::fs::read_to_string(grafana.join("provisioning/datasources/caudal.yaml"))
+        .expect("yaml");
     for want in ["uid: caudal-postgres", "uid: caudal-prometheus", "type: prometheus"] {
         assert!(datasources.contains(want), "datasources lack {want}");
     }
@@ -484,8 +504,11 @@ fn grafana_panels_query_the_postgres_store_and_name_real_metrics() {
 
     // Every SQL panel runs against a store the pipeline filled and returns rows.
     let pg = crate::support::postgres::Postgres::start();
-    ok(caudal().arg("run").arg(erp_pipeline()).arg("--input").arg(erpgen(20_000, 7))
-        .args(["--store", pg.url(), "-q"]));
+    ok(caudal().arg("run").arg(erp_pipeline()).arg("--input").arg(erpgen(20_000, 7)).args([
+        "--store",
+        pg.url(),
+        "-q",
+    ]));
     // `caudal serve` reads the same PostgreSQL store: business panels, quarantine,
     // checkpoint and readiness.
     let port = free_port();
@@ -498,7 +521,11 @@ fn grafana_panels_query_the_postgres_store_and_name_real_metrics() {
         s["business"][0]["windows"].as_array().is_some_and(|w| !w.is_empty())
             && s["top"]["products"].as_array().is_some_and(|p| !p.is_empty())
     });
-    assert!(snap["store"].as_str().is_some_and(|s| s.starts_with("postgres ")), "{}", snap["store"]);
+    assert!(
+        snap["store"].as_str().is_some_and(|s| s.starts_with("postgres ")),
+        "{}",
+        snap["store"]
+    );
     assert!(!snap["store"].as_str().unwrap_or("").contains("postgres@"), "no user in the label");
     assert!(snap["quarantine"]["open_total"].as_u64() > Some(0));
     assert!(snap["health"]["checkpoint"]["event_count"].as_i64() >= Some(20_000));

@@ -47,9 +47,21 @@ pub enum WindowPick {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Condition {
     /// The measure, summed over all groups of one window, is below/above a bound.
-    GoldThreshold { gold: usize, measure: usize, below: Option<Decimal>, above: Option<Decimal>, on: WindowPick },
+    GoldThreshold {
+        gold: usize,
+        measure: usize,
+        below: Option<Decimal>,
+        above: Option<Decimal>,
+        on: WindowPick,
+    },
     /// The window's measure changed against the window before by more than a percentage.
-    GoldChange { gold: usize, measure: usize, drop_percent: Option<Decimal>, rise_percent: Option<Decimal>, on: WindowPick },
+    GoldChange {
+        gold: usize,
+        measure: usize,
+        drop_percent: Option<Decimal>,
+        rise_percent: Option<Decimal>,
+        on: WindowPick,
+    },
     /// Quarantine records opened per event read over `window`, in percent.
     QuarantineRate { above_percent: Decimal, window: Duration },
     /// Now minus the newest source time applied to the store.
@@ -225,7 +237,12 @@ fn alert_spec(
                 let below = decimal(p, &format!("{key}.below"), a.below.as_ref(), false);
                 let above = decimal(p, &format!("{key}.above"), a.above.as_ref(), false);
                 if a.below.is_none() && a.above.is_none() {
-                    p.hint(key.clone(), None, "a threshold needs a bound", "set `below` or `above`");
+                    p.hint(
+                        key.clone(),
+                        None,
+                        "a threshold needs a bound",
+                        "set `below` or `above`",
+                    );
                 }
                 let (g, m) = gm?;
                 Condition::GoldThreshold { gold: g, measure: m, below, above, on }
@@ -291,8 +308,10 @@ fn gold_measure(
         return None;
     };
     let Some(g) = gold.iter().position(|g| g.name == name) else {
-        let hint = did_you_mean(name, gold.iter().map(|g| g.name.as_str()))
-            .map_or_else(|| "declare it as a [[gold]] table".to_owned(), |m| format!("did you mean `{m}`?"));
+        let hint = did_you_mean(name, gold.iter().map(|g| g.name.as_str())).map_or_else(
+            || "declare it as a [[gold]] table".to_owned(),
+            |m| format!("did you mean `{m}`?"),
+        );
         p.hint(format!("{key}.gold"), Some(quote(name)), "unknown gold table", hint);
         return None;
     };
@@ -303,7 +322,12 @@ fn gold_measure(
     let measures = &gold[g].measures;
     let Some(m) = measures.iter().position(|m| m.name == measure) else {
         let hint = did_you_mean(measure, measures.iter().map(|m| m.name.as_str())).map_or_else(
-            || format!("one of {}", measures.iter().map(|m| format!("`{}`", m.name)).collect::<Vec<_>>().join(", ")),
+            || {
+                format!(
+                    "one of {}",
+                    measures.iter().map(|m| format!("`{}`", m.name)).collect::<Vec<_>>().join(", ")
+                )
+            },
             |m| format!("did you mean `{m}`?"),
         );
         p.hint(format!("{key}.measure"), Some(quote(measure)), "unknown measure", hint);
@@ -361,7 +385,12 @@ fn notifier_spec(p: &mut Problems, name: &str, n: &RawNotifier) -> NotifierSpec 
     let check_url = |p: &mut Problems, url: &str| {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             // Not echoed: webhook URLs are secrets (Slack's carry the token).
-            p.hint(format!("{key}.url"), None, "not an http(s) URL", "https://hooks.example.com/...");
+            p.hint(
+                format!("{key}.url"),
+                None,
+                "not an http(s) URL",
+                "https://hooks.example.com/...",
+            );
         }
     };
     let kind = match n {
@@ -414,8 +443,8 @@ fn notifier_spec(p: &mut Problems, name: &str, n: &RawNotifier) -> NotifierSpec 
                     "set both for AUTH, or neither",
                 );
             }
-            for (k, addr) in
-                std::iter::once(("from".to_owned(), from)).chain(to.iter().enumerate().map(|(i, t)| (format!("to[{i}]"), t)))
+            for (k, addr) in std::iter::once(("from".to_owned(), from))
+                .chain(to.iter().enumerate().map(|(i, t)| (format!("to[{i}]"), t)))
             {
                 if addr.parse::<lettre::message::Mailbox>().is_err() {
                     p.hint(

@@ -142,13 +142,27 @@ impl AlertEngine {
                     if notify {
                         state.last_notified_ms = Some(obs.now_ms);
                     }
-                    out.push(self.event(rule, Transition::Firing, obs.now_ms, value, &what, notify));
+                    out.push(self.event(
+                        rule,
+                        Transition::Firing,
+                        obs.now_ms,
+                        value,
+                        &what,
+                        notify,
+                    ));
                 }
                 (Some(_), false) => {
                     let notify = state.notified;
                     state.firing_since_ms = None;
                     state.notified = false;
-                    out.push(self.event(rule, Transition::Resolved, obs.now_ms, value, &what, notify));
+                    out.push(self.event(
+                        rule,
+                        Transition::Resolved,
+                        obs.now_ms,
+                        value,
+                        &what,
+                        notify,
+                    ));
                 }
                 _ => {}
             }
@@ -422,7 +436,11 @@ drop_percent = 50
         let mut e = AlertEngine::new(&s);
         // Closed windows: 0 -> 150.00, 600000 -> 60.00 + 39.99 = 99.99 (a 33.3% drop);
         // the current window (1200000) is ignored.
-        let g = [gold(&[(0, &["100.00", "50.00"]), (600_000, &["60.00", "39.99"]), (1_200_000, &["1"])])];
+        let g = [gold(&[
+            (0, &["100.00", "50.00"]),
+            (600_000, &["60.00", "39.99"]),
+            (1_200_000, &["1"]),
+        ])];
         let fired = e.evaluate(&s, &obs(1, &g, None));
         assert_eq!(fired.len(), 1, "{fired:?}");
         assert_eq!((fired[0].alert.as_str(), fired[0].value.as_deref()), ("low", Some("99.99")));
@@ -443,7 +461,13 @@ drop_percent = 50
         let mut e = AlertEngine::new(&s);
         let g: Vec<GoldView> = Vec::new();
         let mut at = |t: i64, q: i64, ev: i64| {
-            let o = Observation { now_ms: t, gold: &g, quarantine_opened: q, events: Some(ev), lag_ms: None };
+            let o = Observation {
+                now_ms: t,
+                gold: &g,
+                quarantine_opened: q,
+                events: Some(ev),
+                lag_ms: None,
+            };
             e.evaluate(&s, &o).into_iter().map(|x| x.state).collect::<Vec<_>>()
         };
         assert_eq!(at(0, 0, 0), vec![]);

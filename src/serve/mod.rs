@@ -168,10 +168,7 @@ fn html(body: &'static str) -> Response {
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=3600")],
-        body,
-    )
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=3600")], body)
         .into_response()
 }
 
@@ -234,10 +231,16 @@ async fn health(State(s): State<AppState>) -> Response {
         Ok(Ok(())) => json(r#"{"live":true,"ready":true,"store":"ok"}"#.to_owned()),
         Ok(Err(e)) => {
             warn!(error = %e, "health check: store unavailable");
-            (StatusCode::SERVICE_UNAVAILABLE, json(r#"{"live":true,"ready":false,"store":"unavailable"}"#.to_owned()))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json(r#"{"live":true,"ready":false,"store":"unavailable"}"#.to_owned()),
+            )
                 .into_response()
         }
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, json(r#"{"live":true,"ready":false,"store":"timeout"}"#.to_owned()))
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json(r#"{"live":true,"ready":false,"store":"timeout"}"#.to_owned()),
+        )
             .into_response(),
     }
 }
@@ -277,8 +280,8 @@ async fn refresh_loop(
         let view = view.unwrap_or_default();
         // Top lists scan silver tables: every few seconds, not every refresh.
         // Until they have rows (a store still filling), try at every refresh.
-        let due = slow_at.is_none_or(|t| t.elapsed() >= snapshot::SLOW_EVERY)
-            || top.products.is_empty();
+        let due =
+            slow_at.is_none_or(|t| t.elapsed() >= snapshot::SLOW_EVERY) || top.products.is_empty();
         if store_error.is_none() && due {
             slow_at = Some(tokio::time::Instant::now());
             match tokio::time::timeout(READ_TIMEOUT, reader.top(&spec, progress.is_none())).await {
@@ -300,7 +303,8 @@ async fn refresh_loop(
             events: health.events_total,
             lag_ms: health.lag_s.map(|s| (s * 1000.0) as i64),
         };
-        let fired = if store_error.is_none() { engine.evaluate(&spec, &observation) } else { Vec::new() };
+        let fired =
+            if store_error.is_none() { engine.evaluate(&spec, &observation) } else { Vec::new() };
         for event in &fired {
             info!(alert = %event.alert, state = ?event.state, notified = event.notified, "{}", event.message);
             if event.notified {
@@ -328,7 +332,10 @@ async fn refresh_loop(
                 by_reason: view.quarantine_by_reason.clone(),
                 latest: view.latest_quarantine.clone(),
             },
-            alerts: snapshot::AlertsPanel { rules: status, history: engine.history().cloned().collect() },
+            alerts: snapshot::AlertsPanel {
+                rules: status,
+                history: engine.history().cloned().collect(),
+            },
         };
         match serde_json::to_string(&snap) {
             Ok(s) => {

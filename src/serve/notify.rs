@@ -96,10 +96,11 @@ async fn run(spec: NotifierSpec, http: reqwest::Client, mut rx: mpsc::Receiver<A
     while let Some(event) = rx.recv().await {
         let mut backoff = BACKOFF_MIN;
         for attempt in 1..=ATTEMPTS {
-            let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, deliver(&spec, &http, &event)).await {
-                Ok(r) => r,
-                Err(_) => Err(NotifyError::Timeout(ATTEMPT_TIMEOUT)),
-            };
+            let result =
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, deliver(&spec, &http, &event)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(NotifyError::Timeout(ATTEMPT_TIMEOUT)),
+                };
             match result {
                 Ok(()) => {
                     info!(notifier = %spec.name, alert = %event.alert, state = ?event.state, "notification sent");
@@ -137,7 +138,11 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-async fn deliver(spec: &NotifierSpec, http: &reqwest::Client, event: &AlertEvent) -> Result<(), NotifyError> {
+async fn deliver(
+    spec: &NotifierSpec,
+    http: &reqwest::Client,
+    event: &AlertEvent,
+) -> Result<(), NotifyError> {
     match &spec.kind {
         NotifierKind::Slack { url } => {
             let icon = match event.state {
@@ -168,9 +173,8 @@ fn check(resp: reqwest::Response) -> Result<(), NotifyError> {
 }
 
 async fn send_mail(smtp: &SmtpSpec, event: &AlertEvent) -> Result<(), NotifyError> {
-    let mailbox = |a: &str| {
-        a.parse::<Mailbox>().map_err(|_| NotifyError::Address { address: a.to_owned() })
-    };
+    let mailbox =
+        |a: &str| a.parse::<Mailbox>().map_err(|_| NotifyError::Address { address: a.to_owned() });
     let state = match event.state {
         Transition::Firing => "FIRING",
         Transition::Resolved => "RESOLVED",

@@ -30,8 +30,14 @@ pub struct StoreReader {
 
 enum Target {
     Sqlite(PathBuf),
-    /// The client is kept between reads and replaced after an error.
-    Postgres { url: String, stream: String, client: Mutex<Option<tokio_postgres::Client>> },
+    Postgres(Box<PgTarget>),
+}
+
+struct PgTarget {
+    url: String,
+    stream: String,
+    /// Kept between reads and replaced after an error.
+    client: Mutex<Option<tokio_postgres::Client>>,
 }
 
 /// One gold table's recent rows: window start (epoch ms), group values, measures as
@@ -89,11 +95,11 @@ impl StoreReader {
     pub fn new(store: &StoreSpec) -> Self {
         let target = match store {
             StoreSpec::Sqlite { path } => Target::Sqlite(path.clone()),
-            StoreSpec::Postgres { url, stream } => Target::Postgres {
+            StoreSpec::Postgres { url, stream } => Target::Postgres(Box::new(PgTarget {
                 url: url.clone(),
                 stream: stream.clone(),
                 client: Mutex::new(None),
-            },
+            })),
         };
         Self { target }
     }
@@ -102,7 +108,8 @@ impl StoreReader {
     pub fn describe(&self) -> String {
         match &self.target {
             Target::Sqlite(p) => format!("sqlite {}", p.display()),
-            Target::Postgres { url, .. } => {
+            Target::Postgres(pg) => {
+                let url = &pg.url;
                 let host = url.rsplit('@').next().unwrap_or(url);
                 format!("postgres {}", host.trim_start_matches("postgres://"))
             }
@@ -118,14 +125,17 @@ impl StoreReader {
                     .await
                     .map_err(|e| StoreError::Unavailable { message: e.to_string(), source: None })?
             }
-            Target::Postgres { url, client, .. } => {
-                let mut guard = client.lock().await;
+            Target::Postgres(pg) => {
+                let mut guard = pg.client.lock().await;
                 if guard.as_ref().is_none_or(|c| c.is_closed()) {
-                    *guard = Some(postgres::connect(url).await?);
+                    *guard = Some(postgres::connect(&pg.url).await?);
                 }
                 let result = match guard.as_ref() {
                     Some(c) => pg_queries(c, &queries).await,
-                    None => Err(StoreError::Unavailable { message: "not connected".into(), source: None }),
+                    None => Err(StoreError::Unavailable {
+                        message: "not connected".into(),
+                        source: None,
+                    }),
                 };
                 if result.is_err() {
                     // Reconnect next time: the connection may be what failed.
@@ -154,10 +164,10 @@ impl StoreReader {
             Target::Sqlite(_) => r#"SELECT "pipeline", "event_count", CAST("updated_at" AS TEXT)
                 FROM "caudal_checkpoint" ORDER BY "updated_at" DESC LIMIT 1"#
                 .to_owned(),
-            Target::Postgres { stream, .. } => format!(
+            Target::Postgres(pg) => format!(
                 r#"SELECT "stream", "event_count", CAST("updated_at" AS TEXT)
                 FROM "caudal_checkpoint" WHERE "stream" = '{}'"#,
-                stream.replace('\'', "''")
+                pg.stream.replace('\'', "''")
             ),
         });
         let mut results = self.query(queries).await?.into_iter();
@@ -271,8 +281,11 @@ impl StoreReader {
         if cities {
             top.cities = results.next().unwrap_or_default().iter().filter_map(item).collect();
         }
-        let newest_ms =
-            if newest { results.next().unwrap_or_default().first().and_then(|r| int(r, 0)) } else { None };
+        let newest_ms = if newest {
+            results.next().unwrap_or_default().first().and_then(|r| int(r, 0))
+        } else {
+            None
+        };
         Ok((top, newest_ms))
     }
 }
@@ -311,7 +324,8 @@ fn parse_gold(g: &GoldSpec, rows: Vec<TextRow>) -> GoldView {
         let Some(start) = cell(&row, 0).and_then(|s| time::parse_timestamp(&s)) else {
             continue;
         };
-        let group: Vec<String> = (0..groups).map(|i| cell(&row, 1 + i).unwrap_or_default()).collect();
+        let group: Vec<String> =
+            (0..groups).map(|i| cell(&row, 1 + i).unwrap_or_default()).collect();
         let measures = g
             .measures
             .iter()
@@ -320,7 +334,9 @@ fn parse_gold(g: &GoldSpec, rows: Vec<TextRow>) -> GoldView {
                 matches!(m.agg, Agg::Count | Agg::Sum)
                     .then(|| cell(&row, 1 + groups + i))
                     .flatten()
-                    .and_then(|s| Decimal::from_str(&s).or_else(|_| Decimal::from_scientific(&s)).ok())
+                    .and_then(|s| {
+                        Decimal::from_str(&s).or_else(|_| Decimal::from_scientific(&s)).ok()
+                    })
             })
             .collect();
         view.rows.push((start / 1000, group, measures));
@@ -349,7 +365,10 @@ fn int(row: &TextRow, i: usize) -> Option<i64> {
     row.get(i)?.as_deref()?.parse().ok()
 }
 
-fn sqlite_queries(path: &std::path::Path, queries: &[String]) -> Result<Vec<Vec<TextRow>>, StoreError> {
+fn sqlite_queries(
+    path: &std::path::Path,
+    queries: &[String],
+) -> Result<Vec<Vec<TextRow>>, StoreError> {
     use rusqlite::types::ValueRef;
     let conn = sqlite::open_read_only(path)?;
     let mut out = Vec::with_capacity(queries.len());
@@ -367,7 +386,9 @@ fn sqlite_queries(path: &std::path::Path, queries: &[String]) -> Result<Vec<Vec<
                     ValueRef::Null => None,
                     ValueRef::Integer(i) => Some(i.to_string()),
                     ValueRef::Real(f) => Some(f.to_string()),
-                    ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
+                    ValueRef::Text(t) | ValueRef::Blob(t) => {
+                        Some(String::from_utf8_lossy(t).into_owned())
+                    }
                 });
             }
             result.push(cells);

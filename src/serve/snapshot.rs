@@ -168,9 +168,9 @@ pub fn business(spec: &PipelineSpec, view: &StoreView) -> Vec<GoldPanel> {
                 }
                 if let Some((window_ms, value)) = sums.last().copied() {
                     let previous = sums.len().checked_sub(2).and_then(|i| sums.get(i)).map(|p| p.1);
-                    let change_percent = previous.filter(|p| !p.is_zero()).map(|p| {
-                        ((value - p) / p * Decimal::ONE_HUNDRED).round_dp(1).to_string()
-                    });
+                    let change_percent = previous
+                        .filter(|p| !p.is_zero())
+                        .map(|p| ((value - p) / p * Decimal::ONE_HUNDRED).round_dp(1).to_string());
                     current.push(Compare {
                         measure: name.clone(),
                         window_ms,
@@ -288,7 +288,10 @@ pub fn health(
 }
 
 /// Keeps the last successful value across failed reads.
-pub fn keep_last<T: Clone>(last: &mut Option<T>, next: Result<T, String>) -> (Option<T>, Option<String>) {
+pub fn keep_last<T: Clone>(
+    last: &mut Option<T>,
+    next: Result<T, String>,
+) -> (Option<T>, Option<String>) {
     match next {
         Ok(v) => {
             *last = Some(v.clone());

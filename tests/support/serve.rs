@@ -275,7 +275,8 @@ impl Chromium {
         };
         let stream = TcpStream::connect(addr).expect("connect devtools");
         stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let (socket, _) = tungstenite::client(page_ws.as_str(), stream).expect("devtools websocket");
+        let (socket, _) =
+            tungstenite::client(page_ws.as_str(), stream).expect("devtools websocket");
         Self { _child: child, _profile: profile, socket, next_id: 1 }
     }
 
