@@ -242,7 +242,17 @@ fn browser_shows_live_charts_and_a_number_that_changes() {
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     std::fs::write(&shot, &png).expect("save screenshot");
-    eprintln!("events {before} -> {after}; screenshot: {}", shot.display());
+    // On a phone's width the page reflows to one column without sideways scrolling.
+    browser.call(
+        "Emulation.setDeviceMetricsOverride",
+        serde_json::json!({ "width": 390, "height": 2400, "deviceScaleFactor": 1, "mobile": true }),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let width = browser.eval("document.documentElement.scrollWidth").as_u64().unwrap_or(0);
+    assert!(width <= 400, "the page is {width} px wide on a 390 px screen");
+    let phone = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-phone.png");
+    std::fs::write(&phone, browser.screenshot()).expect("save phone screenshot");
+    eprintln!("events {before} -> {after}; screenshots: {} {}", shot.display(), phone.display());
 }
 
 /// Appends the simulator's changes `from..to` (line numbers), with source times of
