@@ -518,6 +518,9 @@ async fn start_serving(
         Err(e) => return Err(e.into()),
     };
     eprintln!("dashboard: http://{addr}/");
+    // The recorder must be in place before the pipeline's first batch, or /metrics
+    // misses what was counted before the serving task got to run.
+    caudal::telemetry::prometheus();
     let stop = CancellationToken::new();
     let token = stop.clone();
     let spec = spec.clone();
