@@ -43,7 +43,7 @@
       width, height: 220, legend: { live: false },
       // One window alone would make uPlot span years: pad the range by a window.
       scales: { x: { time: true, range: (u, min, max) => (max - min < windowSecs ? [min - windowSecs, max + windowSecs] : [min, max]) } },
-      axes: [{}, { size: 64, values: (u, ticks) => ticks.map((t) => valueFmt(t)) }],
+      axes: [{}, { size: 78, values: (u, ticks) => ticks.map((t) => valueFmt(t)) }],
       series: [{}, ...series.map((s, i) => ({ label: s.label, stroke: palette[i % palette.length], width: 2, points: { size: 4 } }))],
     };
     charts[id] = { key, plot: new uPlot(opts, data, el) };
