@@ -555,3 +555,33 @@ fn grafana_panels_query_the_postgres_store_and_name_real_metrics() {
         }
     });
 }
+
+#[test]
+fn a_taken_port_stops_run_with_a_clear_message_but_not_the_demo() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let demo = ok(caudal()
+        .args(["demo", "--rate", "max", "--events", "2000", "--listen", &port, "--store"])
+        .arg(dir.path().join("demo.db")));
+    let stderr = String::from_utf8_lossy(&demo.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && stderr.contains("running without the dashboard"),
+        "{stderr}"
+    );
+    let run = caudal()
+        .arg("run")
+        .arg(erp_pipeline())
+        .arg("--input")
+        .arg(erpgen(20_000, 7))
+        .arg("--store")
+        .arg(dir.path().join("run.db"))
+        .args(["--quiet", "--listen", &port])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("error: cannot listen on 127.0.0.1:{port}")), "{stderr}");
+    assert!(!dir.path().join("run.db").exists(), "the pipeline did not start");
+}
