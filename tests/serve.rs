@@ -317,7 +317,7 @@ fn wait_until(limit: Duration, what: &str, ok: impl Fn() -> bool) {
 fn alerts_fire_once_respect_the_cooldown_resolve_and_a_down_receiver_delays_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hook = WebhookReceiver::start();
-    let smtp = SmtpSink::start(&dir.path().join("mails"), Some(("caudal", "s3cret")));
+    let smtp = SmtpSink::start(&dir.path().join("mails"), Some(("caudal", "s3cret")), None);
     let down = free_port(); // nothing listens: every post is refused and retried
     let extra = format!(
         r#"
@@ -584,4 +584,54 @@ fn a_taken_port_stops_run_with_a_clear_message_but_not_the_demo() {
     assert_eq!(run.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&format!("error: cannot listen on 127.0.0.1:{port}")), "{stderr}");
     assert!(!dir.path().join("run.db").exists(), "the pipeline did not start");
+}
+
+#[test]
+fn mail_alerts_go_over_starttls_with_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = test_certificates(dir.path());
+    let smtp = SmtpSink::start(
+        &dir.path().join("mails"),
+        Some(("caudal", "s3cret")),
+        Some((cert.as_path(), key.as_path())),
+    );
+    let extra = format!(
+        r#"
+[notifiers.mail]
+type = "smtp"
+host = "localhost"
+port = {port}
+tls = "starttls"
+ca_file = {ca:?}
+username = "caudal"
+password_env = "CAUDAL_TEST_SMTP_PASSWORD"
+from = "caudal@example.com"
+to = ["oncall@example.com", "Audit <audit@example.com>"]
+
+[[alerts]]
+name = "stale"
+kind = "lag"
+max_lag = "1s"
+notify = ["mail"]
+"#,
+        port = smtp.port,
+        ca = ca.display().to_string(),
+    );
+    let input = dir.path().join("erp.jsonl");
+    std::fs::write(&input, b"").expect("input");
+    let file = pipeline(dir.path(), &input, &dir.path().join("erp.db"), &extra);
+    let port = free_port();
+    let _run = spawn(
+        caudal()
+            .arg("run")
+            .arg(&file)
+            .args(["--quiet", "--listen", &port.to_string()])
+            .env("CAUDAL_TEST_SMTP_PASSWORD", "s3cret"),
+        &dir.path().join("caudal.log"),
+    );
+    append_fresh(&input, 0, 100);
+    wait_until(Duration::from_secs(30), "a mail over STARTTLS", || !smtp.mails().is_empty());
+    let mail = &smtp.mails()[0];
+    assert!(mail.contains("Subject: [FIRING]"), "{mail}");
+    assert!(mail.contains("X-Envelope-To: oncall@example.com,audit@example.com"), "{mail}");
 }

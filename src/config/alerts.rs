@@ -95,6 +95,7 @@ pub struct SmtpSpec {
     pub tls: SmtpTls,
     pub username: Option<String>,
     pub password_env: Option<String>,
+    pub ca_file: Option<std::path::PathBuf>,
     pub from: String,
     pub to: Vec<String>,
 }
@@ -405,7 +406,7 @@ fn notifier_spec(p: &mut Problems, name: &str, n: &RawNotifier) -> NotifierSpec 
                 headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             }
         }
-        RawNotifier::Smtp { host, port, tls, username, password_env, from, to } => {
+        RawNotifier::Smtp { host, port, tls, username, password_env, ca_file, from, to } => {
             let tls = match tls.as_deref() {
                 None | Some("starttls") => SmtpTls::StartTls,
                 Some("tls") => SmtpTls::Tls,
@@ -434,6 +435,14 @@ fn notifier_spec(p: &mut Problems, name: &str, n: &RawNotifier) -> NotifierSpec 
             };
             if host.trim().is_empty() {
                 p.add(format!("{key}.host"), Some(quote(host)), "must not be empty");
+            }
+            if ca_file.is_some() && tls == SmtpTls::None {
+                p.hint(
+                    format!("{key}.ca_file"),
+                    None,
+                    "does not apply without TLS",
+                    "set tls = \"starttls\" or \"tls\"",
+                );
             }
             if username.is_some() != password_env.is_some() {
                 p.hint(
@@ -464,6 +473,7 @@ fn notifier_spec(p: &mut Problems, name: &str, n: &RawNotifier) -> NotifierSpec 
                 tls,
                 username: username.clone(),
                 password_env: password_env.clone(),
+                ca_file: ca_file.as_ref().map(std::path::PathBuf::from),
                 from: from.clone(),
                 to: to.clone(),
             })

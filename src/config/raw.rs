@@ -93,6 +93,9 @@ pub enum RawNotifier {
         username: Option<String>,
         /// The environment variable holding the password (never the file).
         password_env: Option<String>,
+        /// A PEM file of CA certificates to trust besides the public roots (a
+        /// private relay's own CA); read when a mail is sent.
+        ca_file: Option<String>,
         /// `Name <address>` or `address`.
         from: String,
         to: Vec<String>,

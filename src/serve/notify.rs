@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,12 @@ pub enum NotifyError {
     Address { address: String },
     #[error("environment variable `{name}` (the smtp password) is not set")]
     Password { name: String },
+    #[error("cannot read the CA file `{}`", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 }
@@ -172,6 +179,17 @@ fn check(resp: reqwest::Response) -> Result<(), NotifyError> {
     }
 }
 
+/// rustls with the public roots, plus the notifier's own CA file if it names one.
+fn tls_parameters(smtp: &SmtpSpec) -> Result<TlsParameters, NotifyError> {
+    let mut builder = TlsParameters::builder(smtp.host.clone());
+    if let Some(path) = &smtp.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|source| NotifyError::CaFile { path: path.clone(), source })?;
+        builder = builder.add_root_certificate(Certificate::from_pem(&pem)?);
+    }
+    Ok(builder.build_rustls()?)
+}
+
 async fn send_mail(smtp: &SmtpSpec, event: &AlertEvent) -> Result<(), NotifyError> {
     let mailbox =
         |a: &str| a.parse::<Mailbox>().map_err(|_| NotifyError::Address { address: a.to_owned() });
@@ -195,13 +213,15 @@ async fn send_mail(smtp: &SmtpSpec, event: &AlertEvent) -> Result<(), NotifyErro
         event.at
     );
     let message = builder.body(body)?;
-    let mut transport = match smtp.tls {
-        SmtpTls::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
-        SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host)?,
-        SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
-    }
-    .port(smtp.port)
-    .timeout(Some(ATTEMPT_TIMEOUT));
+    let tls = match smtp.tls {
+        SmtpTls::None => Tls::None,
+        SmtpTls::StartTls => Tls::Required(tls_parameters(smtp)?),
+        SmtpTls::Tls => Tls::Wrapper(tls_parameters(smtp)?),
+    };
+    let mut transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host)
+        .tls(tls)
+        .port(smtp.port)
+        .timeout(Some(ATTEMPT_TIMEOUT));
     if let (Some(user), Some(var)) = (&smtp.username, &smtp.password_env) {
         let password =
             std::env::var(var).map_err(|_| NotifyError::Password { name: var.clone() })?;

@@ -178,14 +178,18 @@ pub struct SmtpSink {
 }
 
 impl SmtpSink {
-    pub fn start(dir: &Path, login: Option<(&str, &str)>) -> Self {
+    /// With `tls` (certificate and key PEM files) the server requires STARTTLS.
+    pub fn start(dir: &Path, login: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Self {
         let mut cmd = Command::new(py_tools());
         cmd.arg(super::manifest_dir().join("tests/support/smtp_sink.py")).arg(dir);
         if let Some((u, p)) = login {
             cmd.args([u, p]);
+            if let Some((cert, key)) = tls {
+                cmd.arg(cert).arg(key);
+            }
         }
         let mut child =
-            cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start smtp sink");
+            cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start smtp sink");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
@@ -314,4 +318,63 @@ impl Chromium {
             .decode(r["data"].as_str().expect("screenshot data"))
             .expect("screenshot base64")
     }
+}
+
+/// A CA and a server certificate it signed for `localhost`, as PEM files in `dir`:
+/// (ca.pem, server.pem, server.key). Made with the `openssl` command line.
+pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=caudal test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext file");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
 }
