@@ -262,13 +262,16 @@ async fn refresh_loop(
     let mut top: Arc<TopLists> = Arc::default();
     let mut store_lag_ms = None;
     let mut slow_at: Option<tokio::time::Instant> = None;
+    let mut summary_at: Option<tokio::time::Instant> = None;
+    let mut quarantine_summary: Vec<(String, u64)> = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
         let now_ms = time::now_ms();
-        let read = match tokio::time::timeout(READ_TIMEOUT, reader.read(&spec)).await {
+        let summary_due = summary_at.is_none_or(|t| t.elapsed() >= snapshot::SUMMARY_EVERY);
+        let read = match tokio::time::timeout(READ_TIMEOUT, reader.read(&spec, summary_due)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("store read timed out".to_owned()),
@@ -278,10 +281,17 @@ async fn refresh_loop(
             warn!(error = %e, "dashboard cannot read the store");
         }
         let view = view.unwrap_or_default();
+        if let Some(s) = &view.quarantine_by_reason {
+            if store_error.is_none() && summary_due {
+                summary_at = Some(tokio::time::Instant::now());
+                quarantine_summary.clone_from(s);
+            }
+        }
         // Top lists scan silver tables: every few seconds, not every refresh.
         // Until they have rows (a store still filling), try at every refresh.
-        let due =
-            slow_at.is_none_or(|t| t.elapsed() >= snapshot::SLOW_EVERY) || top.products.is_empty();
+        let due = slow_at.is_none_or(|t| t.elapsed() >= snapshot::SLOW_EVERY)
+            || (top.products.is_empty()
+                && slow_at.is_some_and(|t| t.elapsed() >= snapshot::SUMMARY_EVERY));
         if store_error.is_none() && due {
             slow_at = Some(tokio::time::Instant::now());
             match tokio::time::timeout(READ_TIMEOUT, reader.top(&spec, progress.is_none())).await {
@@ -328,8 +338,8 @@ async fn refresh_loop(
             top: top.clone(),
             health,
             quarantine: snapshot::QuarantinePanel {
-                open_total: view.quarantine_by_reason.iter().map(|r| r.1).sum(),
-                by_reason: view.quarantine_by_reason.clone(),
+                open_total: quarantine_summary.iter().map(|r| r.1).sum(),
+                by_reason: quarantine_summary.clone(),
                 latest: view.latest_quarantine.clone(),
             },
             alerts: snapshot::AlertsPanel {

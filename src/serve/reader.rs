@@ -77,7 +77,8 @@ pub struct TopItem {
 #[derive(Debug, Clone, Default)]
 pub struct StoreView {
     pub gold: Vec<GoldView>,
-    pub quarantine_by_reason: Vec<(String, u64)>,
+    /// Open quarantine by reason; `None` when not asked for in this read.
+    pub quarantine_by_reason: Option<Vec<(String, u64)>>,
     pub latest_quarantine: Vec<QuarantineItem>,
     /// The highest quarantine id: records ever opened, cheaply (the primary key).
     pub quarantine_max_id: i64,
@@ -151,13 +152,16 @@ impl StoreReader {
         self.query(vec!["SELECT 1".to_owned()]).await.map(|_| ())
     }
 
-    /// The dashboard's and the alerts' view, in one round of queries.
-    pub async fn read(&self, spec: &PipelineSpec) -> Result<StoreView, StoreError> {
+    /// The dashboard's and the alerts' view, in one round of queries; with
+    /// `summary`, also the open quarantine by reason (a scan of the open records).
+    pub async fn read(&self, spec: &PipelineSpec, summary: bool) -> Result<StoreView, StoreError> {
         let mut queries: Vec<String> = spec.gold.iter().map(recent_gold_sql).collect();
-        queries.push(
-            r#"SELECT "reason", "rows" FROM "quarantine_summary" ORDER BY "rows" DESC, "reason""#
-                .to_owned(),
-        );
+        if summary {
+            queries.push(
+                r#"SELECT "reason", "rows" FROM "quarantine_summary" ORDER BY "rows" DESC, "reason""#
+                    .to_owned(),
+            );
+        }
         queries.push(latest_quarantine_sql(None, LATEST_QUARANTINE));
         queries.push(r#"SELECT MAX("id") FROM "quarantine""#.to_owned());
         queries.push(match &self.target {
@@ -176,10 +180,13 @@ impl StoreReader {
             let rows = results.next().unwrap_or_default();
             view.gold.push(parse_gold(g, rows));
         }
-        for row in results.next().unwrap_or_default() {
-            if let (Some(reason), Some(n)) = (cell(&row, 0), int(&row, 1)) {
-                view.quarantine_by_reason.push((reason, u64::try_from(n).unwrap_or(0)));
-            }
+        if summary {
+            let rows = results.next().unwrap_or_default();
+            view.quarantine_by_reason = Some(
+                rows.iter()
+                    .filter_map(|r| Some((cell(r, 0)?, u64::try_from(int(r, 1)?).unwrap_or(0))))
+                    .collect(),
+            );
         }
         view.latest_quarantine =
             results.next().unwrap_or_default().iter().filter_map(quarantine_item).collect();
