@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Invariants: serving never writes to the store and never holds anything the
-//! pipeline waits for. Reads happen once per second whatever the number of clients
+//! pipeline waits for. Reads happen once per second (the scans less often, see
+//! [`snapshot::SLOW_EVERY`]) whatever the number of clients
 //! (each client gets the shared, pre-serialized snapshot); a failing read or a
 //! notifier that is down shows up on the dashboard and in logs, and stops nothing.
 //! The pipeline's counters are recorded per batch through the `metrics` facade
