@@ -15,5 +15,7 @@ pub mod capture;
 pub mod config;
 pub mod event;
 pub mod process;
+pub mod serve;
 pub mod store;
+pub mod telemetry;
 pub mod topology;

@@ -2,6 +2,7 @@
 //! and picks the exit code (2 for a bad pipeline file or usage, 1 otherwise).
 
 use std::io::{IsTerminal, Write as _};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -51,6 +52,29 @@ enum Command {
         /// Stop after this many events.
         #[arg(long)]
         events: Option<u64>,
+        /// Where the dashboard listens, HOST:PORT or PORT. If it is taken, the demo
+        /// says so and runs without the dashboard.
+        #[arg(long, default_value = caudal::serve::DEFAULT_LISTEN)]
+        listen: String,
+        /// Do not serve the dashboard.
+        #[arg(long)]
+        no_serve: bool,
+    },
+    /// Serves the dashboard, /metrics, /health and the alert rules over a store that a
+    /// pipeline writes (here or in another process).
+    Serve {
+        /// Pipeline file (default: the shipped ERP pipeline); its gold tables, alert
+        /// rules and notifiers are used.
+        pipeline: Option<PathBuf>,
+        /// A SQLite path or a postgres:// URL (default: the pipeline file's store).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// HOST:PORT or PORT.
+        #[arg(long, default_value = caudal::serve::DEFAULT_LISTEN)]
+        listen: String,
+        /// ISO 4217 currency of money measures on the dashboard.
+        #[arg(long, default_value = "PEN")]
+        currency: String,
     },
     /// Runs a pipeline until its source ends or Ctrl-C.
     Run {
@@ -67,6 +91,9 @@ enum Command {
         /// No progress lines.
         #[arg(long, short)]
         quiet: bool,
+        /// Also serve the dashboard, /metrics and the alert rules, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// The processing role: reads the pipeline's tables from Kafka (the topics
     /// `caudal capture` writes, or Debezium's), processes and stores them, whatever
@@ -121,6 +148,9 @@ enum Command {
         /// Skip the JSON-parse-only baseline.
         #[arg(long)]
         no_baseline: bool,
+        /// Serve the dashboard while benchmarking (needs --store), e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// Writes the stored gold and quarantine tables in the reference CSV format.
     Export {
@@ -233,7 +263,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run { pipeline, input, store, threads, quiet } => {
+        Command::Run { pipeline, input, store, threads, quiet, listen } => {
             let mut spec = config::load(&pipeline)?;
             if let Some(input) = input {
                 match &mut spec.source {
@@ -253,7 +283,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 threads: threads.unwrap_or_else(topology::default_threads),
                 use_store: true,
             };
-            run_with_progress(Arc::new(spec), options, !quiet, false)
+            let listen = listen.map(|l| Listen { addr: l, required: true });
+            run_with_progress(Arc::new(spec), options, !quiet, false, listen)
+        }
+        Command::Serve { pipeline, store, listen, currency } => {
+            let mut spec = load_or_default(pipeline.as_deref())?;
+            if let Some(store) = store {
+                spec.store = Some(store_arg(store, spec.store.as_ref()));
+            }
+            let store = spec
+                .store
+                .clone()
+                .context("no store to read: pass --store PATH_OR_URL or declare [store]")?;
+            let addr = listen_addr(&listen)?;
+            let rt = runtime()?;
+            rt.block_on(async move {
+                let shutdown = ctrl_c_token("stopping the dashboard");
+                let listener = caudal::serve::bind(addr).await?;
+                eprintln!("caudal serve: dashboard on http://{addr}/ (Ctrl-C stops)");
+                let options = caudal::serve::ServeOptions { currency };
+                caudal::serve::serve(listener, Arc::new(spec), store, options, None, shutdown)
+                    .await?;
+                Ok(())
+            })
         }
         Command::Process { pipeline, brokers, store, exit_at_end, quiet } => {
             let mut spec = config::load(&pipeline)?;
@@ -276,7 +328,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 spec.store = Some(store_arg(store, spec.store.as_ref()));
             }
             let options = RunOptions { threads: 1, use_store: true };
-            run_with_progress(Arc::new(spec), options, !quiet, false)
+            run_with_progress(Arc::new(spec), options, !quiet, false, None)
         }
         Command::Capture { pipeline, input, brokers, threads } => {
             let mut spec = config::load(&pipeline)?;
@@ -318,7 +370,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Demo { rate, seed, store, events } => {
+        Command::Demo { rate, seed, store, events, listen, no_serve } => {
             // The shipped ERP pipeline, fed by the simulator instead of a file.
             let mut spec = config::parse(Path::new("config/examples/erp.toml"), ERP_PIPELINE)?;
             spec.name = "erp-demo".into();
@@ -336,15 +388,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 "caudal demo: simulated ERP at {rate} -> {} (Ctrl-C stops; run again to resume)",
                 store.display()
             );
+            let listen = (!no_serve).then_some(Listen { addr: listen, required: false });
             run_with_progress(
                 Arc::new(spec),
                 RunOptions::default(),
                 true,
                 std::io::stderr().is_terminal(),
+                listen,
             )
         }
-        Command::Bench { input, out, pipeline, threads, store, no_baseline } => {
-            bench(input, out, pipeline, threads, store, no_baseline)
+        Command::Bench { input, out, pipeline, threads, store, no_baseline, listen } => {
+            bench(input, out, pipeline, threads, store, no_baseline, listen)
         }
         Command::Export { store, out, pipeline } => {
             let spec = load_or_default(pipeline.as_deref())?;
@@ -415,30 +469,93 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `--listen`: where to serve, and whether a taken port ends the command (`run`)
+/// or only the dashboard (`demo`, which should run anyway).
+struct Listen {
+    addr: String,
+    required: bool,
+}
+
+fn listen_addr(s: &str) -> anyhow::Result<SocketAddr> {
+    caudal::serve::parse_listen(s)
+        .with_context(|| format!("--listen {s:?} is not HOST:PORT or PORT (e.g. 127.0.0.1:8080)"))
+}
+
+/// A token cancelled by the first Ctrl-C; the second one exits at once.
+fn ctrl_c_token(what: &'static str) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let ctrl_c = shutdown.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\n{what} (Ctrl-C again to abort)");
+            ctrl_c.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    shutdown
+}
+
+/// Binds `listen` and serves the dashboard over the pipeline's store beside the run;
+/// the returned token stops it. `None` when there is nothing to serve.
+async fn start_serving(
+    spec: &Arc<PipelineSpec>,
+    listen: Option<Listen>,
+    progress: watch::Receiver<Progress>,
+) -> anyhow::Result<Option<(CancellationToken, tokio::task::JoinHandle<()>)>> {
+    let Some(listen) = listen else { return Ok(None) };
+    let store = spec.store.clone().context("--listen needs a store to read (--store)")?;
+    let addr = listen_addr(&listen.addr)?;
+    let listener = match caudal::serve::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if !listen.required => {
+            eprintln!(
+                "warning: {e}; running without the dashboard (--listen picks another address)"
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    eprintln!("dashboard: http://{addr}/");
+    // The recorder must be in place before the pipeline's first batch, or /metrics
+    // misses what was counted before the serving task got to run.
+    caudal::telemetry::prometheus();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let spec = spec.clone();
+    let handle = tokio::spawn(async move {
+        let options = caudal::serve::ServeOptions::default();
+        if let Err(e) =
+            caudal::serve::serve(listener, spec, store, options, Some(progress), token).await
+        {
+            // The pipeline goes on: serving is a view, never a reason to stop.
+            tracing::error!(error = %e, "dashboard stopped");
+        }
+    });
+    Ok(Some((stop, handle)))
+}
+
 fn run_with_progress(
     spec: Arc<PipelineSpec>,
     options: RunOptions,
     show: bool,
     redraw: bool,
+    listen: Option<Listen>,
 ) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let ctrl_c = shutdown.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\nstopping: finishing the current batch (Ctrl-C again to abort)");
-                ctrl_c.cancel();
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
-                }
-            }
-        });
+        let shutdown = ctrl_c_token("stopping: finishing the current batch");
         let (tx, rx) = watch::channel(Progress::default());
+        let serving = start_serving(&spec, listen, rx.clone()).await?;
         let printer = show.then(|| tokio::spawn(print_progress(spec.clone(), rx, redraw)));
         let summary = topology::run(spec.clone(), options, shutdown, Some(tx)).await;
         if let Some(p) = printer {
             p.abort();
+        }
+        if let Some((stop, handle)) = serving {
+            stop.cancel();
+            let _ = handle.await;
         }
         let summary = summary?;
         let stats = summary.processor.stats();
@@ -550,6 +667,7 @@ fn bench(
     threads: Option<usize>,
     store: Option<PathBuf>,
     no_baseline: bool,
+    listen: Option<String>,
 ) -> anyhow::Result<()> {
     let mut spec = load_or_default(pipeline.as_deref())?;
     spec.source = SourceSpec::File { path: input.clone(), follow: false };
@@ -567,12 +685,26 @@ fn bench(
         .len();
     let spec = Arc::new(spec);
     let rt = runtime()?;
-    let summary = rt.block_on(topology::run(
-        spec.clone(),
-        RunOptions { threads, use_store },
-        CancellationToken::new(),
-        None,
-    ))?;
+    let summary = rt.block_on(async {
+        // With --listen the dashboard reads the store while the benchmark writes it:
+        // the figure with a browser (or `curl -N .../events`) attached.
+        let (tx, rx) = watch::channel(Progress::default());
+        let listen = listen.map(|addr| Listen { addr, required: true });
+        let serving = start_serving(&spec, listen, rx).await?;
+        let progress = serving.is_some().then_some(tx);
+        let summary = topology::run(
+            spec.clone(),
+            RunOptions { threads, use_store },
+            CancellationToken::new(),
+            progress,
+        )
+        .await;
+        if let Some((stop, handle)) = serving {
+            stop.cancel();
+            let _ = handle.await;
+        }
+        anyhow::Ok(summary?)
+    })?;
     let peak = peak_rss_bytes();
     let p = &summary.processor;
     for (i, g) in spec.gold.iter().enumerate() {

@@ -24,10 +24,11 @@ use crate::capture::kafka::KafkaSource;
 use crate::capture::mysql::{MysqlSource, MysqlSourceConfig};
 use crate::capture::{file::FileSource, simulator::SimulatorSource, CaptureError, Source};
 use crate::config::spec::{PipelineSpec, SourceSpec, StoreSpec};
-use crate::event::output::Commit;
+use crate::event::output::{Commit, QuarantineOp};
 use crate::process::{Processor, Stats};
 use crate::store::postgres::PostgresSink;
 use crate::store::{sqlite::SqliteSink, Sink, StoreError};
+use crate::telemetry;
 
 /// Commits in flight between the processor and the sink: one being written, one
 /// being prepared.
@@ -86,6 +87,10 @@ pub struct Progress {
     /// Per gold table: name, column names, rows of the latest window.
     pub latest_gold: Vec<LatestGold>,
     pub last_commit_ms: u64,
+    /// The newest source timestamp (epoch ms) of a row durable in the store.
+    pub newest_applied_ms: Option<i64>,
+    /// Sampled source-commit-to-durable latencies of recent commits.
+    pub latency: crate::telemetry::RecentLatency,
 }
 
 impl Progress {
@@ -95,6 +100,13 @@ impl Progress {
     /// `None` for sources that cannot tell.
     pub fn lag_ms(&self, now_ms: i64) -> Option<i64> {
         self.stats.caught_up_ms.map(|c| now_ms.saturating_sub(c).max(0))
+    }
+
+    /// Now minus the newest source timestamp applied to the store (`None` before
+    /// the first row). Unlike [`Progress::lag_ms`] it grows while the upstream is
+    /// idle: it is the data's age, what a freshness alert watches.
+    pub fn applied_lag_ms(&self, now_ms: i64) -> Option<i64> {
+        self.newest_applied_ms.map(|t| now_ms.saturating_sub(t).max(0))
     }
 }
 
@@ -178,8 +190,11 @@ pub async fn run(
 
     let (commit_tx, commit_rx) = mpsc::channel::<Commit>(COMMIT_QUEUE);
     let sink_progress = progress.clone();
+    let sink_spec = spec.clone();
     let sink_task =
-        tokio::spawn(async move { write_commits(sink, commit_rx, sink_progress).await });
+        tokio::spawn(
+            async move { write_commits(&sink_spec, sink, commit_rx, sink_progress).await },
+        );
 
     let handle = tokio::runtime::Handle::current();
     let proc_spec = spec.clone();
@@ -210,12 +225,16 @@ fn process_loop(
     let mut deadline = Instant::now() + spec.trigger_interval;
     // After recovery the first commit rewrites gold: send it right away.
     let mut due_now = true;
+    let mut counted = Counted::default();
     loop {
         let wait = deadline.saturating_duration_since(Instant::now());
         let next = handle.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
         let ended = match next {
             Ok(Some(batch)) => {
+                let started = Instant::now();
                 processor.process(batch);
+                metrics::histogram!(telemetry::PROCESS_BATCH_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
                 false
             }
             Ok(None) => true,
@@ -238,6 +257,7 @@ fn process_loop(
                     break;
                 }
             }
+            counted.record(&spec, processor.stats());
             if let Some(p) = &progress {
                 publish(p, &spec, &processor);
             }
@@ -248,6 +268,38 @@ fn process_loop(
         }
     }
     processor
+}
+
+/// What the processor counters stood at when last recorded: metrics get deltas
+/// once per commit, not a call per event.
+#[derive(Default)]
+struct Counted {
+    table_events: Vec<u64>,
+    duplicates: u64,
+    bad_events: u64,
+}
+
+impl Counted {
+    fn record(&mut self, spec: &PipelineSpec, stats: &Stats) {
+        self.table_events.resize(stats.table_events.len(), 0);
+        for (i, (now, before)) in
+            stats.table_events.iter().zip(self.table_events.iter_mut()).enumerate()
+        {
+            if *now > *before {
+                if let Some(t) = spec.catalog.tables().get(i) {
+                    metrics::counter!(telemetry::PROCESS_EVENTS_IN, "table" => t.name.to_string())
+                        .increment(*now - *before);
+                }
+                *before = *now;
+            }
+        }
+        metrics::counter!(telemetry::PROCESS_DUPLICATES)
+            .increment(stats.duplicates.saturating_sub(self.duplicates));
+        metrics::counter!(telemetry::PROCESS_UNREADABLE)
+            .increment(stats.bad_events.saturating_sub(self.bad_events));
+        self.duplicates = stats.duplicates;
+        self.bad_events = stats.bad_events;
+    }
 }
 
 fn publish(p: &watch::Sender<Progress>, spec: &PipelineSpec, processor: &Processor) {
@@ -264,14 +316,19 @@ fn publish(p: &watch::Sender<Progress>, spec: &PipelineSpec, processor: &Process
             (g.name.clone(), cols, latest)
         })
         .collect();
+    let quarantine = processor.quarantine_summary();
+    for (reason, n) in &quarantine {
+        metrics::gauge!(telemetry::QUARANTINE_OPEN_ROWS, "reason" => reason.clone()).set(*n as f64);
+    }
     p.send_modify(|pr| {
         pr.stats = processor.stats().clone();
-        pr.quarantine = processor.quarantine_summary();
+        pr.quarantine = quarantine;
         pr.latest_gold = latest_gold;
     });
 }
 
 async fn write_commits(
+    spec: &PipelineSpec,
     mut sink: Option<Box<dyn Sink>>,
     mut rx: mpsc::Receiver<Commit>,
     progress: Option<watch::Sender<Progress>>,
@@ -298,16 +355,86 @@ async fn write_commits(
             }
         }
         committed += events;
+        let took = started.elapsed();
+        let durable = record_commit(spec, &commit, took);
         if let Some(p) = &progress {
-            let ms = started.elapsed().as_millis() as u64;
+            let ms = took.as_millis() as u64;
             p.send_modify(|pr| {
                 pr.committed_events = committed;
                 pr.commits += 1;
                 pr.last_commit_ms = ms;
+                if let Some(newest) = durable.newest_ms {
+                    pr.newest_applied_ms =
+                        Some(pr.newest_applied_ms.map_or(newest, |n| n.max(newest)));
+                }
+                for ms in durable.latencies_ms {
+                    pr.latency.push(ms);
+                }
             });
         }
     }
     Ok(committed)
+}
+
+/// What a durable commit tells about freshness.
+struct Durable {
+    newest_ms: Option<i64>,
+    latencies_ms: Vec<i64>,
+}
+
+/// Records a durable commit's metrics: rows out per table, commit time, lag and a
+/// sample of end-to-end latencies (source commit to durable here).
+fn record_commit(spec: &PipelineSpec, commit: &Commit, took: Duration) -> Durable {
+    metrics::histogram!(telemetry::STORE_COMMIT_SECONDS).record(took.as_secs_f64());
+    metrics::counter!(telemetry::STORE_EVENTS_COMMITTED).increment(commit.event_count);
+    let tables = spec.catalog.tables();
+    let mut rows = vec![0u64; tables.len()];
+    let mut newest: Option<i64> = None;
+    for s in &commit.silver {
+        if let Some(n) = rows.get_mut(s.table) {
+            *n += 1;
+        }
+        if let Some(r) = &s.row {
+            newest = Some(newest.map_or(r.source_ts_ms, |n| n.max(r.source_ts_ms)));
+        }
+    }
+    for (t, n) in tables.iter().zip(rows).filter(|(_, n)| *n > 0) {
+        metrics::counter!(telemetry::STORE_ROWS_OUT, "table" => t.name.to_string()).increment(n);
+    }
+    let mut gold = vec![0u64; spec.gold.len()];
+    for g in &commit.gold {
+        if let Some(n) = gold.get_mut(g.gold) {
+            *n += 1;
+        }
+    }
+    for (g, n) in spec.gold.iter().zip(gold).filter(|(_, n)| *n > 0) {
+        metrics::counter!(telemetry::STORE_GOLD_ROWS_OUT, "gold" => g.name.clone()).increment(n);
+    }
+    for op in &commit.quarantine {
+        if let QuarantineOp::Open(r) = op {
+            metrics::counter!(telemetry::STORE_QUARANTINED, "reason" => r.reason.to_string())
+                .increment(1);
+        }
+    }
+    let now_ms = crate::event::time::now_ms();
+    if let Some(n) = newest {
+        metrics::gauge!(telemetry::PIPELINE_LAG_SECONDS)
+            .set(now_ms.saturating_sub(n).max(0) as f64 / 1000.0);
+    }
+    // Evenly spaced rows, not all of them: percentiles need a sample, and a large
+    // commit must not pay a histogram update per row.
+    let step = (commit.silver.len() / telemetry::LATENCY_SAMPLES_PER_COMMIT).max(1);
+    let latencies_ms: Vec<i64> = commit
+        .silver
+        .iter()
+        .step_by(step)
+        .filter_map(|s| s.row.as_ref())
+        .map(|r| now_ms.saturating_sub(r.source_ts_ms).max(0))
+        .collect();
+    for ms in &latencies_ms {
+        metrics::histogram!(telemetry::PIPELINE_LATENCY_SECONDS).record(*ms as f64 / 1000.0);
+    }
+    Durable { newest_ms: newest, latencies_ms }
 }
 
 /// What `caudal capture` published.

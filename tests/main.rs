@@ -12,4 +12,5 @@ mod end_to_end_mysql;
 mod gold;
 mod kafka;
 mod postgres_sink;
+mod serve;
 mod simulate;

@@ -43,7 +43,9 @@ fn demo_runs_and_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("demo.db");
     let run = |events: &str| {
-        ok(caudal().args(["demo", "--rate", "max", "--events", events, "--store"]).arg(&store));
+        ok(caudal()
+            .args(["demo", "--no-serve", "--rate", "max", "--events", events, "--store"])
+            .arg(&store));
     };
     run("8000");
     let db = rusqlite::Connection::open(&store).expect("open");

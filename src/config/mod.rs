@@ -4,6 +4,7 @@
 //! (serde, unknown keys rejected), [`spec`] the resolved meaning. Loading reports
 //! the file, the key path and the value of every problem; validation is pure.
 
+pub mod alerts;
 pub mod error;
 pub mod expr;
 pub mod raw;

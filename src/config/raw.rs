@@ -22,6 +22,84 @@ pub struct RawPipeline {
     /// The Kafka bus between `caudal capture` and processing (topics, producer).
     #[serde(default)]
     pub kafka: Option<RawKafka>,
+    /// Alert rules, evaluated by `caudal serve` (and `demo`/`run` with `--listen`).
+    #[serde(default)]
+    pub alerts: Vec<RawAlert>,
+    /// Where alerts are sent, by name.
+    #[serde(default)]
+    pub notifiers: IndexMap<String, RawNotifier>,
+}
+
+/// `[[alerts]]`: one rule. `kind` says which of the other keys apply:
+///
+/// - `gold_threshold`: `gold`, `measure`, `below` or `above` (a decimal), `on`;
+/// - `gold_change`: `gold`, `measure`, `drop_percent` or `rise_percent`, `on`
+///   (the window against the one before it, summed over all groups);
+/// - `quarantine_rate`: `above_percent`, `window` (records opened over events read);
+/// - `lag`: `max_lag` (now minus the newest source time applied).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlert {
+    /// A unique name, used in messages and as the metric label.
+    pub name: String,
+    /// `gold_threshold`, `gold_change`, `quarantine_rate` or `lag`.
+    pub kind: String,
+    /// `info`, `warning` (default) or `critical`.
+    pub severity: Option<String>,
+    /// After a notification, the rule stays quiet this long even if it fires
+    /// again (default `"10m"`).
+    pub cooldown: Option<String>,
+    /// Names of `[notifiers.<name>]` to send to (default: none, dashboard only).
+    #[serde(default)]
+    pub notify: Vec<String>,
+    /// The gold table, by `[[gold]]` name.
+    pub gold: Option<String>,
+    /// One of the gold table's measures (`count` or `sum`).
+    pub measure: Option<String>,
+    pub below: Option<toml::Value>,
+    pub above: Option<toml::Value>,
+    pub drop_percent: Option<toml::Value>,
+    pub rise_percent: Option<toml::Value>,
+    /// Which gold window: `last_closed` (default: the newest window is still
+    /// filling, comparing it would fire at every window start) or `current`.
+    pub on: Option<String>,
+    pub above_percent: Option<toml::Value>,
+    /// The span a `quarantine_rate` is measured over (default `"10m"`).
+    pub window: Option<String>,
+    /// A duration, e.g. `"60s"`.
+    pub max_lag: Option<String>,
+}
+
+/// `[notifiers.<name>]`: a destination for alert messages.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawNotifier {
+    /// A Slack-compatible incoming webhook: posts `{"text": "..."}`.
+    Slack { url: String },
+    /// Any HTTP endpoint: posts the alert event as JSON.
+    Webhook {
+        url: String,
+        /// Extra request headers, e.g. `{ Authorization = "Bearer ..." }`.
+        #[serde(default)]
+        headers: IndexMap<String, String>,
+    },
+    /// Mail over SMTP.
+    Smtp {
+        host: String,
+        /// Default 587 (`starttls`), 465 (`tls`), 25 (`none`).
+        port: Option<i64>,
+        /// `starttls` (default), `tls` (implicit TLS) or `none` (local relays only).
+        tls: Option<String>,
+        username: Option<String>,
+        /// The environment variable holding the password (never the file).
+        password_env: Option<String>,
+        /// A PEM file of CA certificates to trust besides the public roots (a
+        /// private relay's own CA); read when a mail is sent.
+        ca_file: Option<String>,
+        /// `Name <address>` or `address`.
+        from: String,
+        to: Vec<String>,
+    },
 }
 
 /// `[kafka]`: where `caudal capture` publishes and a `kafka` source reads by default.

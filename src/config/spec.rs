@@ -39,6 +39,10 @@ pub struct PipelineSpec {
     /// Per table, same index as the catalog.
     pub tables: Vec<TableSpec>,
     pub gold: Vec<GoldSpec>,
+    /// Alert rules (`[[alerts]]`), evaluated while serving.
+    pub alerts: Vec<super::alerts::AlertSpec>,
+    /// Alert destinations (`[notifiers.<name>]`), in file order.
+    pub notifiers: Vec<super::alerts::NotifierSpec>,
     /// The Kafka bus (`[kafka]`, defaults when absent).
     pub kafka: KafkaSpec,
 }
@@ -424,6 +428,8 @@ impl PipelineSpec {
                 p.add(format!("gold[{i}].name"), Some(quote(&g.name)), "duplicate gold table name");
             }
         }
+        let (alerts, notifiers) =
+            super::alerts::alerts_spec(&mut p, &raw.alerts, &raw.notifiers, &gold);
         if !p.0.is_empty() {
             return Err(p.0);
         }
@@ -438,6 +444,8 @@ impl PipelineSpec {
             tables,
             gold,
             kafka,
+            alerts,
+            notifiers,
         })
     }
 }

@@ -244,7 +244,7 @@ impl Sink for PostgresSink {
 }
 
 /// Opens a connection and drives it on a task of its own.
-async fn connect(url: &str) -> Result<Client, StoreError> {
+pub(crate) async fn connect(url: &str) -> Result<Client, StoreError> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(|e| pg_error(e, "connect to postgres".to_owned()))?;
@@ -654,7 +654,7 @@ fn is_transient(err: &tokio_postgres::Error) -> bool {
     std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>())
 }
 
-fn pg_error(err: tokio_postgres::Error, context: String) -> StoreError {
+pub(crate) fn pg_error(err: tokio_postgres::Error, context: String) -> StoreError {
     let transient = is_transient(&err);
     let message = match (err.code(), err.as_db_error()) {
         (Some(code), Some(db)) => format!("{context}: {} (SQLSTATE {})", db.message(), code.code()),

@@ -531,7 +531,7 @@ fn connect(path: &Path, plan: &Plan) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+pub(crate) fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
     let context = || format!("cannot open `{}`", path.display());
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_error(e, context()))?;
@@ -544,7 +544,7 @@ fn definite(message: String) -> StoreError {
 }
 
 /// Busy and locked databases clear up by themselves; anything else will not.
-fn sql_error(err: rusqlite::Error, message: String) -> StoreError {
+pub(crate) fn sql_error(err: rusqlite::Error, message: String) -> StoreError {
     let transient = matches!(
         err.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)

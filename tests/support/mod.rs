@@ -108,6 +108,7 @@ pub fn export(store: &Path, out: &Path) {
 }
 pub mod mariadb;
 pub mod postgres;
+pub mod serve;
 
 /// `caudal export` of a store given as a string (a path or a postgres:// URL).
 pub fn export_from(store: &str, out: &Path) {
