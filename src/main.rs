@@ -253,7 +253,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 threads: threads.unwrap_or_else(topology::default_threads),
                 use_store: true,
             };
-            run_with_progress(Arc::new(spec), options, !quiet, false)
+            run_with_progress(Arc::new(spec), options, !quiet, false, false)
         }
         Command::Process { pipeline, brokers, store, exit_at_end, quiet } => {
             let mut spec = config::load(&pipeline)?;
@@ -276,7 +276,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 spec.store = Some(store_arg(store, spec.store.as_ref()));
             }
             let options = RunOptions { threads: 1, use_store: true };
-            run_with_progress(Arc::new(spec), options, !quiet, false)
+            // Into PostgreSQL, `process` is a worker of the consumer group
+            // `kafka.group`: start several and they share the partitions. Into
+            // SQLite (one writer), it reads every partition itself.
+            let group = matches!(spec.store, Some(StoreSpec::Postgres { .. }));
+            run_with_progress(Arc::new(spec), options, !quiet, false, group)
         }
         Command::Capture { pipeline, input, brokers, threads } => {
             let mut spec = config::load(&pipeline)?;
@@ -341,6 +345,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 RunOptions::default(),
                 true,
                 std::io::stderr().is_terminal(),
+                false,
             )
         }
         Command::Bench { input, out, pipeline, threads, store, no_baseline } => {
@@ -420,6 +425,7 @@ fn run_with_progress(
     options: RunOptions,
     show: bool,
     redraw: bool,
+    group: bool,
 ) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
@@ -436,7 +442,11 @@ fn run_with_progress(
         });
         let (tx, rx) = watch::channel(Progress::default());
         let printer = show.then(|| tokio::spawn(print_progress(spec.clone(), rx, redraw)));
-        let summary = topology::run(spec.clone(), options, shutdown, Some(tx)).await;
+        let summary = if group {
+            topology::run_group(spec.clone(), shutdown, Some(tx)).await
+        } else {
+            topology::run(spec.clone(), options, shutdown, Some(tx)).await
+        };
         if let Some(p) = printer {
             p.abort();
         }
