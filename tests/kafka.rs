@@ -476,7 +476,7 @@ fn wait_ok(child: &mut std::process::Child, log: &Path, limit: Duration) {
 /// The fact partitions a worker was last assigned, from its log.
 fn last_fact_partitions(log: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let Some(line) = text.lines().filter(|l| l.contains("worker generation starts")).last() else {
+    let Some(line) = text.lines().rfind(|l| l.contains("worker generation starts")) else {
         return Vec::new();
     };
     line.split(['"', '[', ']', ','])
