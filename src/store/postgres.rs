@@ -1227,8 +1227,12 @@ fn partition_checkpoints(
 ) -> Result<Vec<PartitionRow>, StoreError> {
     use std::collections::BTreeMap;
     let prefix = crate::event::STATE_PARTITION_PREFIX;
-    let offsets: BTreeMap<String, i64> = serde_json::from_str(&commit.checkpoint.0)
-        .map_err(|e| definite(format!("a group checkpoint is not a map of offsets: {e}")))?;
+    // Empty: nothing was ever read (a first commit right after recovery).
+    let offsets: BTreeMap<String, i64> = match commit.checkpoint.0.as_str() {
+        "" => BTreeMap::new(),
+        text => serde_json::from_str(text)
+            .map_err(|e| definite(format!("a group checkpoint is not a map of offsets: {e}")))?,
+    };
     let state: serde_json::Value = serde_json::from_str(&commit.state).unwrap_or_default();
     let marks = state.get("partitions").and_then(|p| p.as_object());
     let lookups: BTreeMap<&str, i64> =
