@@ -675,3 +675,37 @@ pub async fn capture(
     summary.elapsed = started.elapsed();
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use super::group_is_done;
+    use crate::store::postgres::PartitionProgress;
+
+    #[test]
+    fn a_group_is_done_when_every_partition_and_its_lookups_reached_the_end() {
+        let ends: BTreeMap<String, (i64, i64)> = [
+            ("db.items/0".to_owned(), (0, 10)),
+            ("db.orders/0".to_owned(), (0, 5)),
+            ("db.empty/0".to_owned(), (0, 0)),
+        ]
+        .into();
+        let (facts, lookups) = (vec!["db.items".to_owned()], vec!["db.orders".to_owned()]);
+        let row = |offset, lookup| PartitionProgress {
+            offset,
+            lookups: [("db.orders/0".to_owned(), lookup)].into(),
+        };
+        let progress = |items, orders| -> HashMap<String, PartitionProgress> {
+            [("db.items/0".to_owned(), items), ("db.orders/0".to_owned(), orders)].into()
+        };
+        assert!(group_is_done(&ends, &progress(row(10, 5), row(5, 0)), &facts, &lookups));
+        // The fact partition's gold was last written before the orders' end.
+        assert!(!group_is_done(&ends, &progress(row(10, 4), row(5, 0)), &facts, &lookups));
+        // A partition short of its end, or never committed.
+        assert!(!group_is_done(&ends, &progress(row(9, 5), row(5, 0)), &facts, &lookups));
+        let only_items: HashMap<String, PartitionProgress> =
+            [("db.items/0".to_owned(), row(10, 5))].into();
+        assert!(!group_is_done(&ends, &only_items, &facts, &lookups));
+    }
+}

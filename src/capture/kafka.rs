@@ -63,6 +63,9 @@ const MAX_BATCH_BYTES: usize = 16 << 20;
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// How long one poll waits when nothing arrives.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// With two consumers (group mode), how long one waits while the other may have
+/// messages: a bound on the latency one consumer's idleness adds to the other's.
+const MULTI_POLL_SLICE: Duration = Duration::from_millis(5);
 /// Backoff bounds while the broker is unreachable during setup.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -541,6 +544,7 @@ impl KafkaSource {
         let mut asked_at: Option<Instant> = None;
         // Alternate between the consumers when there are two.
         let mut turn = 0usize;
+        let mut spare: Option<Vec<u8>> = None;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -572,30 +576,41 @@ impl KafkaSource {
                     }
                 }
             }
-            let mut buf = pool.take(1 << 20);
+            // An idle round hands its unused buffer to the next one.
+            let mut buf = spare.take().unwrap_or_else(|| pool.take(1 << 20));
             // (decoder line, raw bytes, origin, index in `parts`, from the unreadable topic)
             let mut lines: Vec<(RawSpan, RawSpan, u64, usize, bool)> = Vec::new();
             let mut first_at: Option<Instant> = None;
             let mut read_any = false;
-            let mut idle = 0;
             while lines.len() < MAX_BATCH_MESSAGES && buf.len() < MAX_BATCH_BYTES {
-                let full_wait = match first_at {
+                let wait = match first_at {
                     Some(t) => MAX_BATCH_WAIT.saturating_sub(t.elapsed()),
                     None => IDLE_POLL,
                 };
-                if first_at.is_some() && full_wait.is_zero() {
+                if first_at.is_some() && wait.is_zero() {
                     break;
                 }
-                turn = (turn + 1) % consumers.len();
-                let wait = full_wait / consumers.len() as u32;
-                let msg = match consumers[turn].poll(wait) {
-                    None => {
-                        idle += 1;
-                        if idle >= consumers.len() {
+                let msg = if consumers.len() == 1 {
+                    consumers[0].poll(wait)
+                } else {
+                    // Two consumers: take what either has without waiting, and wait
+                    // (briefly, on each in turn) only when both are empty.
+                    let mut got = None;
+                    for _ in 0..consumers.len() {
+                        turn = (turn + 1) % consumers.len();
+                        got = consumers[turn].poll(Duration::ZERO);
+                        if got.is_some() {
                             break;
                         }
-                        continue;
                     }
+                    if got.is_none() {
+                        turn = (turn + 1) % consumers.len();
+                        got = consumers[turn].poll(wait.min(MULTI_POLL_SLICE));
+                    }
+                    got
+                };
+                let msg = match msg {
+                    None => break,
                     Some(Err(e)) => {
                         // Fetch errors (broker gone, leader moving) are retried by
                         // librdkafka at the same offsets.
@@ -604,7 +619,6 @@ impl KafkaSource {
                     }
                     Some(Ok(m)) => m,
                 };
-                idle = 0;
                 if member.as_ref().is_some_and(|m| m.revoked()) {
                     // Revoked inside this poll: what was not sent is read again
                     // by whoever gets the partitions.
@@ -642,6 +656,7 @@ impl KafkaSource {
                 }
             }
             if !read_any {
+                spare = Some(buf);
                 continue;
             }
             let bytes = Arc::new(PooledBytes::new(buf, Some(pool.clone())));

@@ -1009,6 +1009,10 @@ fn typed(ty: ColumnType, v: Value) -> Value {
 
 async fn create_schema(client: &mut Client, plan: &Plan) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(|e| pg_error(e, "begin schema".to_owned()))?;
+    // `IF NOT EXISTS` notices on every start (of every worker generation) say nothing.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(|e| pg_error(e, "set up the schema transaction".to_owned()))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await
         .map_err(|e| pg_error(e, "lock the schema".to_owned()))?;
@@ -1745,6 +1749,30 @@ mod tests {
         // Gold text columns hold the display form.
         assert_eq!(round_trip(&Value::Int(5), Type::TEXT), Value::Str("5".into()));
         assert!(encode(&Value::Str("x".into()), &Type::INT8, &mut BytesMut::new()).is_err());
+    }
+
+    #[test]
+    fn a_group_commit_writes_one_checkpoint_row_per_assigned_partition() {
+        let commit = Commit {
+            checkpoint: Checkpoint(
+                r#"{"db.items/0":7,"db.items/1":9,"state:db.orders/0":4}"#.to_owned(),
+            ),
+            state: r#"{"partitions":{"db.items/0":{"file":"b.1","pos":3,"row":0}}}"#.to_owned(),
+            ..Commit::default()
+        };
+        let rows = partition_checkpoints("main", &commit, &["db.items/0".to_owned()])
+            .expect("a map of offsets");
+        assert_eq!(rows.len(), 1, "only the assigned partition: {rows:?}");
+        let (name, stream, checkpoint, state, offset) = &rows[0];
+        assert_eq!((name.as_str(), stream.as_str(), *offset), ("db.items/0", "main@db.items/0", 7));
+        assert_eq!(checkpoint, r#"{"db.items/0":7}"#);
+        let state: serde_json::Value = serde_json::from_str(state).expect("json");
+        assert_eq!(state["partitions"]["db.items/0"]["pos"], 3);
+        assert_eq!(state["lookups"]["db.orders/0"], 4);
+        let empty = Commit::default();
+        assert!(partition_checkpoints("main", &empty, &["db.items/0".to_owned()])
+            .expect("empty")
+            .is_empty());
     }
 
     #[test]
