@@ -520,7 +520,15 @@ pub async fn run_group(
             }
             Err(RunError::Store(StoreError::Fenced { message })) => {
                 warn!(%message, "fenced; rebuilding from the store");
-                assigned = Some(list);
+                if member.revoked_now() {
+                    // The partitions are going anyway: let the rebalance go on.
+                    let m = member.clone();
+                    tokio::task::spawn_blocking(move || m.unassign())
+                        .await
+                        .map_err(|e| RunError::Processor(e.to_string()))?;
+                } else {
+                    assigned = Some(list);
+                }
             }
             Err(e) => return Err(e),
         }

@@ -241,6 +241,11 @@ impl GroupMember {
         self.events.lock().map(|e| e.revoked).unwrap_or(true)
     }
 
+    /// Whether the group revoked the assignment and waits for [`GroupMember::unassign`].
+    pub fn revoked_now(&self) -> bool {
+        self.revoked()
+    }
+
     /// Completes a revocation once the worker committed what it read: the
     /// rebalance goes on and other workers get the partitions.
     pub fn unassign(&self) {
