@@ -106,7 +106,8 @@ fn capture_killed_with_sigkill_and_restarted_still_gives_the_reference() {
             .spawn()
             .expect("spawn caudal capture");
         let started = Instant::now();
-        let wait = Duration::from_millis(rng.gen_range(150..900));
+        // Capture of 100k events takes 0.6-2 s here: kills within 0.5 s land mid-stream.
+        let wait = Duration::from_millis(rng.gen_range(100..500));
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
