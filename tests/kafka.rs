@@ -106,16 +106,26 @@ fn capture_killed_with_sigkill_and_restarted_still_gives_the_reference() {
             .spawn()
             .expect("spawn caudal capture");
         let started = Instant::now();
-        // Capture of 100k events takes 0.6-2 s here: kills within 0.5 s land mid-stream.
-        let wait = Duration::from_millis(rng.gen_range(100..500));
+        // Publishing 100k events takes 0.5-2 s here, depending on the machine's load;
+        // setting up (topics, the stored checkpoint) varies as much. The clock for
+        // the kill starts once the capture is set up, so that kills land mid-stream.
+        let wait = Duration::from_millis(rng.gen_range(100..400));
+        let mut ready_at: Option<Instant> = None;
         loop {
+            if ready_at.is_none() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let set_up = text.contains("capture resuming") || text.contains("created topic");
+                if set_up || started.elapsed() > Duration::from_secs(1) {
+                    ready_at = Some(Instant::now());
+                }
+            }
             if let Some(status) = child.try_wait().expect("wait") {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 assert!(status.success(), "capture failed on attempt {attempt}: {text}");
                 finished = true;
                 break;
             }
-            if started.elapsed() >= wait && attempt < 6 {
+            if ready_at.is_some_and(|r| r.elapsed() >= wait) && attempt < 6 {
                 child.kill().expect("SIGKILL");
                 child.wait().expect("reap");
                 break;
