@@ -74,6 +74,7 @@ fn commit(n: u64, table: usize, ids: std::ops::RangeInclusive<i64>, round: i64) 
                     extra: None,
                     position: Some(format!("f:{id}")),
                     source_ts_ms: id,
+                    partition: None,
                 }),
             })
             .collect(),

@@ -284,7 +284,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 use_store: true,
             };
             let listen = listen.map(|l| Listen { addr: l, required: true });
-            run_with_progress(Arc::new(spec), options, !quiet, false, listen)
+            run_with_progress(Arc::new(spec), options, !quiet, false, listen, false)
         }
         Command::Serve { pipeline, store, listen, currency } => {
             let mut spec = load_or_default(pipeline.as_deref())?;
@@ -328,7 +328,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 spec.store = Some(store_arg(store, spec.store.as_ref()));
             }
             let options = RunOptions { threads: 1, use_store: true };
-            run_with_progress(Arc::new(spec), options, !quiet, false, None)
+            // Into PostgreSQL, `process` is a worker of the consumer group
+            // `kafka.group`: start several and they share the partitions. Into
+            // SQLite (one writer), it reads every partition itself.
+            let group = matches!(spec.store, Some(StoreSpec::Postgres { .. }));
+            run_with_progress(Arc::new(spec), options, !quiet, false, None, group)
         }
         Command::Capture { pipeline, input, brokers, threads } => {
             let mut spec = config::load(&pipeline)?;
@@ -395,6 +399,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 true,
                 std::io::stderr().is_terminal(),
                 listen,
+                false,
             )
         }
         Command::Bench { input, out, pipeline, threads, store, no_baseline, listen } => {
@@ -542,6 +547,7 @@ fn run_with_progress(
     show: bool,
     redraw: bool,
     listen: Option<Listen>,
+    group: bool,
 ) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
@@ -549,7 +555,11 @@ fn run_with_progress(
         let (tx, rx) = watch::channel(Progress::default());
         let serving = start_serving(&spec, listen, rx.clone()).await?;
         let printer = show.then(|| tokio::spawn(print_progress(spec.clone(), rx, redraw)));
-        let summary = topology::run(spec.clone(), options, shutdown, Some(tx)).await;
+        let summary = if group {
+            topology::run_group(spec.clone(), shutdown, Some(tx)).await
+        } else {
+            topology::run(spec.clone(), options, shutdown, Some(tx)).await
+        };
         if let Some(p) = printer {
             p.abort();
         }

@@ -184,8 +184,27 @@ pub async fn run(
     }
 
     let source = build_source(&spec, options.threads);
+    let emit = options.use_store && spec.store.is_some();
+    run_stages(spec, processor, sink, source, resume, emit, shutdown, progress, started).await
+}
+
+/// Runs a recovered processor between `source` (resuming after `resume`) and `sink`.
+#[allow(clippy::too_many_arguments)]
+async fn run_stages(
+    spec: Arc<PipelineSpec>,
+    processor: Processor,
+    sink: Option<Box<dyn Sink>>,
+    source: Box<dyn Source>,
+    resume: Option<crate::event::Checkpoint>,
+    emit: bool,
+    shutdown: CancellationToken,
+    progress: Option<watch::Sender<Progress>>,
+    started: Instant,
+) -> Result<RunSummary, RunError> {
     let (tx, rx) = bus::memory(spec.queue_batches);
-    let source_shutdown = shutdown.clone();
+    // A child token: a failed store stops this source without stopping the caller.
+    let source_shutdown = shutdown.child_token();
+    let stop_source = source_shutdown.clone();
     let source_task = tokio::spawn(async move { source.run(resume, tx, source_shutdown).await });
 
     let (commit_tx, commit_rx) = mpsc::channel::<Commit>(COMMIT_QUEUE);
@@ -198,13 +217,21 @@ pub async fn run(
 
     let handle = tokio::runtime::Handle::current();
     let proc_spec = spec.clone();
-    let emit = options.use_store && spec.store.is_some();
     let proc_task = tokio::task::spawn_blocking(move || {
         process_loop(&handle, proc_spec, processor, rx, commit_tx, progress, emit)
     });
 
     let processor = proc_task.await.map_err(|e| RunError::Processor(e.to_string()))?;
-    let committed = sink_task.await.map_err(|e| RunError::Processor(e.to_string()))??;
+    let committed = match sink_task.await.map_err(|e| RunError::Processor(e.to_string()))? {
+        Ok(n) => n,
+        Err(e) => {
+            // Wait for the source to stop: a group worker's next generation reads
+            // with the same consumer.
+            stop_source.cancel();
+            let _ = source_task.await;
+            return Err(e.into());
+        }
+    };
     match source_task.await {
         Ok(Ok(())) | Ok(Err(CaptureError::Closed)) => {}
         Ok(Err(e)) => return Err(e.into()),
@@ -437,6 +464,230 @@ fn record_commit(spec: &PipelineSpec, commit: &Commit, took: Duration) -> Durabl
     Durable { newest_ms: newest, latencies_ms }
 }
 
+/// The partitions of a consumer group's topics as `topic/partition` names.
+fn partition_names(list: &[(String, i32)]) -> Vec<String> {
+    list.iter().map(|(t, p)| format!("{t}/{p}")).collect()
+}
+
+/// Runs `caudal process` as one worker of the consumer group `[kafka] group`,
+/// storing into PostgreSQL, until Ctrl-C or, with `exit_at_end`, until the whole
+/// group has committed every partition up to its end at this worker's start.
+///
+/// The worker runs in generations, one per assignment: recover the assigned
+/// partitions' facts and offsets and every looked-up table from the store, read
+/// (assigned partitions, plus the looked-up topics in full), process, commit. A
+/// rebalance revokes the assignment: the generation commits what it processed,
+/// then unassigns, which lets the rebalance go on; the next assignment starts the
+/// next generation. A commit that finds another worker's progress on one of its
+/// partitions (`StoreError::Fenced`) is rolled back and the generation starts over.
+///
+/// # Errors
+/// A definite source or store error, or a spec that is not a kafka source with a
+/// PostgreSQL store.
+pub async fn run_group(
+    spec: Arc<PipelineSpec>,
+    shutdown: CancellationToken,
+    progress: Option<watch::Sender<Progress>>,
+) -> Result<RunSummary, RunError> {
+    use crate::capture::kafka::{GroupMember, GroupRead};
+    use crate::store::postgres::{group_progress, GroupAssignment};
+    let started = Instant::now();
+    let definite =
+        |message: String| RunError::Capture(CaptureError::Definite { message, hint: None });
+    let SourceSpec::Kafka(kafka) = &spec.source else {
+        return Err(definite("a consumer group reads a kafka source".into()));
+    };
+    let Some(StoreSpec::Postgres { url, stream }) = &spec.store else {
+        return Err(definite("a consumer group needs the postgres store".into()));
+    };
+    let (kafka, url, stream) = (kafka.clone(), url.clone(), stream.clone());
+    let probe = Processor::new(spec.clone(), true);
+    let fact_tables = probe.fact_tables();
+    let topic_of = |t: usize| spec.kafka.topic(&spec.catalog.table(t).name);
+    let lookup_topics: Vec<String> = probe
+        .lookup_tables()
+        .into_iter()
+        .map(topic_of)
+        .filter(|t| kafka.topics.contains(t))
+        .collect();
+    let fact_topics: Vec<String> = fact_tables.iter().map(|&t| topic_of(t)).collect();
+    drop(probe);
+
+    let topics = kafka.topics.clone();
+    let join_spec = kafka.clone();
+    let mut backoff = RETRY_MIN;
+    let (member, ends) = loop {
+        let (js, ts) = (join_spec.clone(), topics.clone());
+        let exit_at_end = kafka.exit_at_end;
+        let joined = tokio::task::spawn_blocking(move || {
+            let member = GroupMember::join(&js, &ts)?;
+            // Where `exit_at_end` stops: every partition's end now.
+            let ends = if exit_at_end { member.ends(&ts)? } else { Default::default() };
+            Ok::<_, CaptureError>((member, ends))
+        })
+        .await
+        .map_err(|e| RunError::Processor(e.to_string()))?;
+        match joined {
+            Ok(j) => break j,
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "kafka unavailable, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let member = Arc::new(member);
+    let ends = Arc::new(ends);
+    let mut committed = 0u64;
+    let mut assigned: Option<Vec<(String, i32)>> = None;
+    let mut last = None;
+    loop {
+        let list = match assigned.take() {
+            Some(list) => list,
+            None => {
+                let (m, sd) = (member.clone(), shutdown.clone());
+                let next = tokio::task::spawn_blocking(move || m.wait_for_assignment(&sd))
+                    .await
+                    .map_err(|e| RunError::Processor(e.to_string()))?;
+                match next {
+                    Some(list) => list,
+                    None => break,
+                }
+            }
+        };
+        let names = partition_names(&list);
+        info!(partitions = ?names, "worker generation starts");
+        let mut sink = PostgresSink::new(&url, spec.clone(), &stream)?;
+        sink.set_group(GroupAssignment {
+            partitions: names.clone(),
+            fact_tables: fact_tables.clone(),
+        });
+        let mut processor = Processor::new(spec.clone(), true);
+        processor.set_group_mode();
+        let mut backoff = RETRY_MIN;
+        let mut recovered = loop {
+            let attempt = async {
+                sink.healthcheck().await?;
+                sink.recover(&processor.kept_tables()).await
+            };
+            match attempt.await {
+                Ok(r) => break r,
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "store unavailable, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // Lookups start where each partition's owner committed; recording that as
+        // this worker's lookup progress makes the first commit (which rewrites the
+        // assigned partitions' gold from the recovered state) say so.
+        let resume = recovered.checkpoint.take();
+        if let Some(cp) = &resume {
+            let mut map: std::collections::BTreeMap<String, serde_json::Value> =
+                serde_json::from_str(&cp.0).unwrap_or_default();
+            let lookups: Vec<(String, serde_json::Value)> = map
+                .iter()
+                .map(|(k, v)| (format!("{}{k}", crate::event::STATE_PARTITION_PREFIX), v.clone()))
+                .collect();
+            map.extend(lookups);
+            recovered.checkpoint =
+                Some(crate::event::Checkpoint(serde_json::to_string(&map).unwrap_or_default()));
+        }
+        processor.recover(recovered);
+
+        let group_done: Option<Box<dyn FnMut() -> bool + Send>> = if kafka.exit_at_end {
+            let handle = tokio::runtime::Handle::current();
+            let (url, stream, ends) = (url.clone(), stream.clone(), ends.clone());
+            let (facts, lookups) = (fact_topics.clone(), lookup_topics.clone());
+            Some(Box::new(move || match handle.block_on(group_progress(&url, &stream)) {
+                Ok(progress) => group_is_done(&ends, &progress, &facts, &lookups),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the group's progress");
+                    false
+                }
+            }))
+        } else {
+            None
+        };
+        let source =
+            KafkaSource::new(kafka.clone(), spec.catalog.clone(), spec.kafka.unreadable_topic())
+                .with_group(GroupRead {
+                    member: member.clone(),
+                    assigned: list.clone(),
+                    lookup_topics: lookup_topics.clone(),
+                    group_done,
+                });
+        let result = run_stages(
+            spec.clone(),
+            processor,
+            Some(Box::new(sink)),
+            Box::new(source),
+            resume,
+            true,
+            shutdown.clone(),
+            progress.clone(),
+            started,
+        )
+        .await;
+        match result {
+            Ok(summary) => {
+                committed += summary.committed_events;
+                last = Some(summary.processor);
+                if member.finished() || shutdown.is_cancelled() {
+                    break;
+                }
+                // Revoked: everything read is committed; let the rebalance go on.
+                let m = member.clone();
+                tokio::task::spawn_blocking(move || m.unassign())
+                    .await
+                    .map_err(|e| RunError::Processor(e.to_string()))?;
+            }
+            Err(RunError::Store(StoreError::Fenced { message })) => {
+                warn!(%message, "fenced; rebuilding from the store");
+                if member.revoked_now() {
+                    // The partitions are going anyway: let the rebalance go on.
+                    let m = member.clone();
+                    tokio::task::spawn_blocking(move || m.unassign())
+                        .await
+                        .map_err(|e| RunError::Processor(e.to_string()))?;
+                } else {
+                    assigned = Some(list);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let processor = last.unwrap_or_else(|| Processor::new(spec.clone(), true));
+    Ok(RunSummary { processor, elapsed: started.elapsed(), committed_events: committed })
+}
+
+/// Whether the group committed everything up to `ends`: every partition with
+/// messages at its end, and every fact partition's gold computed after reading
+/// the looked-up partitions to their ends.
+fn group_is_done(
+    ends: &std::collections::BTreeMap<String, (i64, i64)>,
+    progress: &std::collections::HashMap<String, crate::store::postgres::PartitionProgress>,
+    fact_topics: &[String],
+    lookup_topics: &[String],
+) -> bool {
+    let topic = |name: &str| name.rsplit_once('/').map_or("", |(t, _)| t).to_owned();
+    ends.iter().filter(|(_, (low, high))| high > low).all(|(name, (_, high))| {
+        let Some(p) = progress.get(name) else { return false };
+        if p.offset < *high {
+            return false;
+        }
+        if !fact_topics.contains(&topic(name)) {
+            return true;
+        }
+        ends.iter()
+            .filter(|(d, (low, high))| high > low && lookup_topics.contains(&topic(d)))
+            .all(|(d, (_, high))| p.lookups.get(d).is_some_and(|o| o >= high))
+    })
+}
+
 /// What `caudal capture` published.
 #[derive(Debug, Clone, Default)]
 pub struct CaptureSummary {
@@ -558,4 +809,38 @@ pub async fn capture(
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use super::group_is_done;
+    use crate::store::postgres::PartitionProgress;
+
+    #[test]
+    fn a_group_is_done_when_every_partition_and_its_lookups_reached_the_end() {
+        let ends: BTreeMap<String, (i64, i64)> = [
+            ("db.items/0".to_owned(), (0, 10)),
+            ("db.orders/0".to_owned(), (0, 5)),
+            ("db.empty/0".to_owned(), (0, 0)),
+        ]
+        .into();
+        let (facts, lookups) = (vec!["db.items".to_owned()], vec!["db.orders".to_owned()]);
+        let row = |offset, lookup| PartitionProgress {
+            offset,
+            lookups: [("db.orders/0".to_owned(), lookup)].into(),
+        };
+        let progress = |items, orders| -> HashMap<String, PartitionProgress> {
+            [("db.items/0".to_owned(), items), ("db.orders/0".to_owned(), orders)].into()
+        };
+        assert!(group_is_done(&ends, &progress(row(10, 5), row(5, 0)), &facts, &lookups));
+        // The fact partition's gold was last written before the orders' end.
+        assert!(!group_is_done(&ends, &progress(row(10, 4), row(5, 0)), &facts, &lookups));
+        // A partition short of its end, or never committed.
+        assert!(!group_is_done(&ends, &progress(row(9, 5), row(5, 0)), &facts, &lookups));
+        let only_items: HashMap<String, PartitionProgress> =
+            [("db.items/0".to_owned(), row(10, 5))].into();
+        assert!(!group_is_done(&ends, &only_items, &facts, &lookups));
+    }
 }

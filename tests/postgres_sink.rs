@@ -234,6 +234,7 @@ fn upsert(table: usize, key_cols: &[usize], values: Vec<Value>) -> SilverChange 
             extra: None,
             position: Some("f:1".into()),
             source_ts_ms: 1,
+            partition: None,
         }),
     }
 }

@@ -417,8 +417,8 @@ impl InFlight {
 /// Why, next to ListOffsets (`fetch_watermarks`): tansu's in-memory storage answers
 /// ListOffsets with too low an end, while its fetch responses carry the right one;
 /// reading "to the end" checks both.
-pub fn fetched_end(
-    consumer: &BaseConsumer<KafkaContext>,
+pub fn fetched_end<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &std::ffi::CStr,
     partition: i32,
 ) -> Option<i64> {

@@ -18,15 +18,30 @@
 //!
 //! A lost broker is not an error: librdkafka reconnects and fetching resumes at
 //! the same offsets; setting up (metadata, watermarks) is retried with backoff.
+//!
+//! # Consumer group (`caudal process` with several workers)
+//!
+//! With [`KafkaSource::with_group`], the source is one generation of a group
+//! worker: the partitions the group assigned ([`GroupMember`]) are read from their
+//! offsets in the store, named `topic/partition`; the looked-up tables' topics are
+//! also read in full by a second consumer with explicit assignment, named
+//! `state:topic/partition` (the processor uses those for lookups only). A
+//! generation ends when the group revokes the assignment (the rebalance waits
+//! until the worker committed and called [`GroupMember::unassign`]) or, with
+//! `exit_at_end`, when the whole group is done.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -35,7 +50,9 @@ use crate::bus;
 use crate::bus::kafka::{client_config, fetched_end, KafkaContext, REQUEST_TIMEOUT};
 use crate::config::spec::KafkaSourceSpec;
 use crate::event::debezium::Decoder;
-use crate::event::{Batch, BytePool, Catalog, Checkpoint, Event, PooledBytes, RawSpan};
+use crate::event::{
+    Batch, BytePool, Catalog, Checkpoint, Event, PooledBytes, RawSpan, STATE_PARTITION_PREFIX,
+};
 
 /// Messages per batch at most: large enough to amortize a hand-off, small enough
 /// to keep a batch's memory to a few megabytes.
@@ -46,6 +63,9 @@ const MAX_BATCH_BYTES: usize = 16 << 20;
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// How long one poll waits when nothing arrives.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// With two consumers (group mode), how long one waits while the other may have
+/// messages: a bound on the latency one consumer's idleness adds to the other's.
+const MULTI_POLL_SLICE: Duration = Duration::from_millis(5);
 /// Backoff bounds while the broker is unreachable during setup.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -59,12 +79,243 @@ pub struct KafkaSource {
     catalog: Arc<Catalog>,
     /// Topics whose messages are raw unreadable inputs (see the module doc).
     unreadable: Vec<String>,
+    group: Option<GroupRead>,
 }
 
 impl KafkaSource {
     /// `unreadable_topic`: the topic `caudal capture` writes undecodable inputs to.
     pub fn new(spec: KafkaSourceSpec, catalog: Arc<Catalog>, unreadable_topic: String) -> Self {
-        Self { spec, catalog, unreadable: vec![unreadable_topic] }
+        Self { spec, catalog, unreadable: vec![unreadable_topic], group: None }
+    }
+
+    /// Makes this source one generation of a group worker (see the module doc).
+    pub fn with_group(mut self, group: GroupRead) -> Self {
+        self.group = Some(group);
+        self
+    }
+}
+
+/// What one generation of a group worker reads.
+pub struct GroupRead {
+    pub member: Arc<GroupMember>,
+    /// The partitions the group assigned to this worker.
+    pub assigned: Vec<(String, i32)>,
+    /// Topics every worker reads in full, for lookups.
+    pub lookup_topics: Vec<String>,
+    /// With `exit_at_end`: asked (at most every [`GROUP_DONE_EVERY`]) once every
+    /// partition this worker reads is at its end; true when the whole group's
+    /// work is committed, which ends the generation and the worker.
+    pub group_done: Option<Box<dyn FnMut() -> bool + Send>>,
+}
+
+/// How often a worker at its end asks the store whether the whole group is done.
+pub const GROUP_DONE_EVERY: Duration = Duration::from_millis(200);
+
+/// Rebalance events of a group consumer, kept for the worker loop: the consumer
+/// context only records them, and the worker (un)assigns once it has committed.
+#[derive(Debug, Default)]
+struct GroupEvents {
+    /// A new assignment not yet applied.
+    assigned: Option<Vec<(String, i32)>>,
+    /// The current assignment was revoked: end the generation, then unassign.
+    revoked: bool,
+    /// The member is being dropped: the consumer's close revokes, and nobody is
+    /// left to unassign later.
+    closing: bool,
+}
+
+/// The consumer context of a group member.
+pub struct GroupContext {
+    events: Arc<Mutex<GroupEvents>>,
+}
+
+impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        KafkaContext.log(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        KafkaContext.error(error, reason);
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    /// Records the event and returns: librdkafka holds the rebalance until the
+    /// worker calls `assign`/`unassign` (eager protocol), which it does only once
+    /// everything it processed from the revoked partitions is committed.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let Ok(mut events) = self.events.lock() else { return };
+        if events.closing {
+            if let Err(e) = consumer.unassign() {
+                warn!(error = %e, "cannot unassign kafka partitions");
+            }
+            return;
+        }
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let list: Vec<(String, i32)> =
+                    tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+                info!(partitions = list.len(), "kafka group assigned partitions");
+                events.assigned = Some(list);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!(partitions = tpl.count(), "kafka group revoked partitions");
+                events.revoked = true;
+                events.assigned = None;
+            }
+            other => warn!(error = ?other, "kafka group rebalance error"),
+        }
+    }
+}
+
+/// This process's membership of the consumer group `[kafka] group`: a consumer
+/// subscribed to the topics, whose partitions the group shares out.
+pub struct GroupMember {
+    consumer: BaseConsumer<GroupContext>,
+    events: Arc<Mutex<GroupEvents>>,
+    finished: AtomicBool,
+}
+
+impl GroupMember {
+    /// Joins the group (the join completes in later polls).
+    ///
+    /// # Errors
+    /// Definite when the consumer cannot be created; transient when subscribing fails.
+    pub fn join(spec: &KafkaSourceSpec, topics: &[String]) -> Result<Self, CaptureError> {
+        let events = Arc::new(Mutex::new(GroupEvents::default()));
+        let consumer: BaseConsumer<GroupContext> = client_config(&spec.brokers)
+            .set("group.id", &spec.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("fetch.wait.max.ms", "10")
+            .set("auto.offset.reset", "earliest")
+            // Eager: a rebalance revokes everything, then assigns; see `rebalance`.
+            .set("partition.assignment.strategy", "roundrobin")
+            // A worker killed with SIGKILL is noticed after this long.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .create_with_context(GroupContext { events: events.clone() })
+            .map_err(|e| CaptureError::Definite {
+                message: format!("cannot create the kafka group consumer: {e}"),
+                hint: Some("check `kafka.brokers` and `kafka.group`".into()),
+            })?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(|e| transient("cannot subscribe".into(), e))?;
+        Ok(Self { consumer, events, finished: AtomicBool::new(false) })
+    }
+
+    /// Polls until the group assigns partitions (an empty list is an assignment
+    /// too); `None` when `shutdown` is cancelled first.
+    pub fn wait_for_assignment(&self, shutdown: &CancellationToken) -> Option<Vec<(String, i32)>> {
+        loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            if let Some(list) = self.take_assigned() {
+                return Some(list);
+            }
+            if self.revoked() {
+                self.unassign();
+            }
+            // Nothing is assigned yet, so no message arrives here.
+            if let Some(Ok(m)) = self.consumer.poll(IDLE_POLL) {
+                warn!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    "message before assignment, ignored"
+                );
+            }
+        }
+    }
+
+    fn take_assigned(&self) -> Option<Vec<(String, i32)>> {
+        self.events.lock().ok().and_then(|mut e| e.assigned.take())
+    }
+
+    fn revoked(&self) -> bool {
+        self.events.lock().map(|e| e.revoked).unwrap_or(true)
+    }
+
+    /// Whether the group revoked the assignment and waits for [`GroupMember::unassign`].
+    pub fn revoked_now(&self) -> bool {
+        self.revoked()
+    }
+
+    /// Completes a revocation once the worker committed what it read: the
+    /// rebalance goes on and other workers get the partitions.
+    pub fn unassign(&self) {
+        if let Ok(mut e) = self.events.lock() {
+            e.revoked = false;
+        }
+        if let Err(e) = self.consumer.unassign() {
+            warn!(error = %e, "cannot unassign kafka partitions");
+        }
+    }
+
+    /// Whether a generation ended because the whole group was done (`exit_at_end`).
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    /// The (low, high) offsets of every partition of `topics` now, by
+    /// `topic/partition`: where `exit_at_end` stops. Blocking.
+    ///
+    /// # Errors
+    /// Transient when the broker does not answer.
+    pub fn ends(&self, topics: &[String]) -> Result<BTreeMap<String, (i64, i64)>, CaptureError> {
+        let mut out = BTreeMap::new();
+        for topic in topics {
+            let meta = self
+                .consumer
+                .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+                .map_err(|e| transient(format!("cannot read the metadata of `{topic}`"), e))?;
+            let Some(t) = meta.topics().iter().find(|t| t.name() == topic) else { continue };
+            for p in t.partitions() {
+                let ends = self
+                    .consumer
+                    .fetch_watermarks(topic, p.id(), REQUEST_TIMEOUT)
+                    .map_err(|e| transient(format!("cannot read the offsets of `{topic}`"), e))?;
+                out.insert(format!("{topic}/{}", p.id()), ends);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for GroupMember {
+    fn drop(&mut self) {
+        // Runs before the consumer's own drop, which closes it (leaving the group).
+        if let Ok(mut e) = self.events.lock() {
+            e.closing = true;
+        }
+    }
+}
+
+/// The consumers one source polls: a plain one (explicit assignment) and, in
+/// group mode, the group member's.
+enum Consumers<'a> {
+    Plain(&'a BaseConsumer<KafkaContext>),
+    Group(&'a BaseConsumer<GroupContext>),
+}
+
+impl Consumers<'_> {
+    fn poll(&self, wait: Duration) -> Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>> {
+        match self {
+            Consumers::Plain(c) => c.poll(wait),
+            Consumers::Group(c) => c.poll(wait),
+        }
+    }
+
+    fn fetched_end(&self, topic: &std::ffi::CStr, partition: i32) -> Option<i64> {
+        match self {
+            Consumers::Plain(c) => fetched_end(*c, topic, partition),
+            Consumers::Group(c) => fetched_end(*c, topic, partition),
+        }
     }
 }
 
@@ -85,6 +336,8 @@ struct Part {
     /// The topic name for librdkafka calls.
     topic_c: std::ffi::CString,
     partition: i32,
+    /// Index of the consumer reading it (see `Consumers`).
+    consumer: usize,
 }
 
 impl Part {
@@ -147,16 +400,18 @@ impl KafkaSource {
             })
     }
 
-    /// Finds every partition of the topics, with the offset to start at and the
-    /// end at start, and assigns them.
-    fn setup(
+    /// The partitions to read with the plain consumer: every partition of the
+    /// topics (legacy), or of the lookup topics (group mode).
+    fn plain_targets(
         &self,
         consumer: &BaseConsumer<KafkaContext>,
-        offsets: &Offsets,
-    ) -> Result<Vec<Part>, CaptureError> {
-        let mut parts = Vec::new();
-        let mut assignment = TopicPartitionList::new();
-        for (ti, topic) in self.spec.topics.iter().enumerate() {
+    ) -> Result<Vec<(String, i32)>, CaptureError> {
+        let topics = match &self.group {
+            Some(g) => &g.lookup_topics,
+            None => &self.spec.topics,
+        };
+        let mut out = Vec::new();
+        for topic in topics {
             let meta = consumer
                 .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
                 .map_err(|e| transient(format!("cannot read the metadata of `{topic}`"), e))?;
@@ -167,34 +422,71 @@ impl KafkaSource {
                 warn!(topic = %topic, "topic not found; not reading it");
                 continue;
             }
-            for p in t.partitions() {
-                let (low, high) = consumer
-                    .fetch_watermarks(topic, p.id(), REQUEST_TIMEOUT)
-                    .map_err(|e| transient(format!("cannot read the offsets of `{topic}`"), e))?;
-                let name: Arc<str> = format!("{topic}/{}", p.id()).into();
-                let next = offsets.get(&*name).copied().unwrap_or(low).max(low);
-                assignment
-                    .add_partition_offset(topic, p.id(), Offset::Offset(next))
-                    .map_err(|e| transient(format!("cannot assign `{name}`"), e))?;
-                let topic_c =
-                    std::ffi::CString::new(topic.as_str()).map_err(|_| CaptureError::Definite {
-                        message: format!("topic name `{topic}` has a NUL byte"),
-                        hint: None,
-                    })?;
-                parts.push(Part {
-                    name,
-                    topic: ti,
-                    next,
-                    high,
-                    low,
-                    fetched_high: None,
-                    gap_warned: false,
-                    topic_c,
-                    partition: p.id(),
-                });
-            }
+            out.extend(t.partitions().iter().map(|p| (topic.clone(), p.id())));
         }
-        if parts.is_empty() {
+        Ok(out)
+    }
+
+    /// The parts of `targets` with the offset to start at and the end at start;
+    /// `prefix` starts their names, `ci` is their consumer's index.
+    fn parts<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        targets: &[(String, i32)],
+        offsets: &Offsets,
+        prefix: &str,
+        ci: usize,
+    ) -> Result<(Vec<Part>, TopicPartitionList), CaptureError> {
+        let mut parts = Vec::new();
+        let mut assignment = TopicPartitionList::new();
+        for (topic, partition) in targets {
+            let Some(ti) = self.spec.topics.iter().position(|t| t == topic) else { continue };
+            let (low, high) = consumer
+                .fetch_watermarks(topic, *partition, REQUEST_TIMEOUT)
+                .map_err(|e| transient(format!("cannot read the offsets of `{topic}`"), e))?;
+            let key = format!("{topic}/{partition}");
+            let next = offsets.get(&key).copied().unwrap_or(low).max(low);
+            let name: Arc<str> = format!("{prefix}{key}").into();
+            assignment
+                .add_partition_offset(topic, *partition, Offset::Offset(next))
+                .map_err(|e| transient(format!("cannot assign `{name}`"), e))?;
+            let topic_c =
+                std::ffi::CString::new(topic.as_str()).map_err(|_| CaptureError::Definite {
+                    message: format!("topic name `{topic}` has a NUL byte"),
+                    hint: None,
+                })?;
+            parts.push(Part {
+                name,
+                topic: ti,
+                next,
+                high,
+                low,
+                fetched_high: None,
+                gap_warned: false,
+                topic_c,
+                partition: *partition,
+                consumer: ci,
+            });
+        }
+        Ok((parts, assignment))
+    }
+
+    /// Finds the partitions to read, with the offset to start at and the end at
+    /// start, and assigns them.
+    fn setup(
+        &self,
+        consumer: &BaseConsumer<KafkaContext>,
+        offsets: &Offsets,
+    ) -> Result<Vec<Part>, CaptureError> {
+        let targets = self.plain_targets(consumer)?;
+        let prefix = if self.group.is_some() { STATE_PARTITION_PREFIX } else { "" };
+        let (mut parts, assignment) = self.parts(consumer, &targets, offsets, prefix, 0)?;
+        if let Some(g) = &self.group {
+            let member = &g.member.consumer;
+            let (owned, tpl) = self.parts(member, &g.assigned, offsets, "", 1)?;
+            member.assign(&tpl).map_err(|e| transient("cannot assign partitions".into(), e))?;
+            parts.extend(owned);
+        } else if parts.is_empty() {
             return Err(CaptureError::Transient {
                 message: format!("none of the topics {:?} exists yet", self.spec.topics),
                 source: None,
@@ -207,7 +499,7 @@ impl KafkaSource {
     }
 
     fn read_all(
-        self,
+        mut self,
         offsets: Offsets,
         out: &bus::Sender,
         shutdown: &CancellationToken,
@@ -229,11 +521,19 @@ impl KafkaSource {
             }
         };
         info!(partitions = parts.len(), topics = self.spec.topics.len(), "reading kafka");
-        // Topic name -> (partition -> index in `parts`), looked up without allocating.
-        let mut index: HashMap<String, HashMap<i32, usize>> = HashMap::new();
+        let mut group = self.group.take();
+        let member = group.as_ref().map(|g| g.member.clone());
+        let mut consumers = vec![Consumers::Plain(&consumer)];
+        if let Some(m) = &member {
+            consumers.push(Consumers::Group(&m.consumer));
+        }
+        // Per consumer: topic name -> (partition -> index in `parts`), looked up
+        // without allocating.
+        let mut index: Vec<HashMap<String, HashMap<i32, usize>>> =
+            consumers.iter().map(|_| HashMap::new()).collect();
         for (i, p) in parts.iter().enumerate() {
             let topic = self.spec.topics[p.topic].clone();
-            index.entry(topic).or_default().insert(p.partition, i);
+            index[p.consumer].entry(topic).or_default().insert(p.partition, i);
         }
         let unreadable: Vec<bool> =
             self.spec.topics.iter().map(|t| self.unreadable.contains(t)).collect();
@@ -246,19 +546,43 @@ impl KafkaSource {
             .collect();
         let pool = BytePool::new(8);
         let mut decoder = Decoder::new(self.catalog.clone());
+        let mut asked_at: Option<Instant> = None;
+        // Alternate between the consumers when there are two.
+        let mut turn = 0usize;
+        let mut spare: Option<Vec<u8>> = None;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
+            if member.as_ref().is_some_and(|m| m.revoked()) {
+                // Everything sent so far gets committed when the stream ends; the
+                // worker then unassigns, and the rebalance goes on.
+                return Ok(());
+            }
             if self.spec.exit_at_end {
                 for p in parts.iter_mut().filter(|p| p.fetched_high.is_none()) {
-                    p.fetched_high = fetched_end(&consumer, &p.topic_c, p.partition);
+                    p.fetched_high = consumers[p.consumer].fetched_end(&p.topic_c, p.partition);
                 }
                 if parts.iter().all(Part::at_end) {
-                    return Ok(());
+                    match group.as_mut().map(|g| g.group_done.as_mut()) {
+                        None => return Ok(()),
+                        Some(None) => {}
+                        Some(Some(done)) => {
+                            if asked_at.is_none_or(|t| t.elapsed() >= GROUP_DONE_EVERY) {
+                                asked_at = Some(Instant::now());
+                                if done() {
+                                    if let Some(m) = &member {
+                                        m.finished.store(true, Ordering::SeqCst);
+                                    }
+                                    return Ok(());
+                                }
+                            }
+                        }
+                    }
                 }
             }
-            let mut buf = pool.take(1 << 20);
+            // An idle round hands its unused buffer to the next one.
+            let mut buf = spare.take().unwrap_or_else(|| pool.take(1 << 20));
             // (decoder line, raw bytes, origin, index in `parts`, from the unreadable topic)
             let mut lines: Vec<(RawSpan, RawSpan, u64, usize, bool)> = Vec::new();
             let mut first_at: Option<Instant> = None;
@@ -271,7 +595,26 @@ impl KafkaSource {
                 if first_at.is_some() && wait.is_zero() {
                     break;
                 }
-                let msg = match consumer.poll(wait) {
+                let msg = if consumers.len() == 1 {
+                    consumers[0].poll(wait)
+                } else {
+                    // Two consumers: take what either has without waiting, and wait
+                    // (briefly, on each in turn) only when both are empty.
+                    let mut got = None;
+                    for _ in 0..consumers.len() {
+                        turn = (turn + 1) % consumers.len();
+                        got = consumers[turn].poll(Duration::ZERO);
+                        if got.is_some() {
+                            break;
+                        }
+                    }
+                    if got.is_none() {
+                        turn = (turn + 1) % consumers.len();
+                        got = consumers[turn].poll(wait.min(MULTI_POLL_SLICE));
+                    }
+                    got
+                };
+                let msg = match msg {
                     None => break,
                     Some(Err(e)) => {
                         // Fetch errors (broker gone, leader moving) are retried by
@@ -281,8 +624,14 @@ impl KafkaSource {
                     }
                     Some(Ok(m)) => m,
                 };
+                if member.as_ref().is_some_and(|m| m.revoked()) {
+                    // Revoked inside this poll: what was not sent is read again
+                    // by whoever gets the partitions.
+                    return Ok(());
+                }
                 first_at.get_or_insert_with(Instant::now);
-                let Some(&pi) = index.get(msg.topic()).and_then(|t| t.get(&msg.partition())) else {
+                let Some(&pi) = index[turn].get(msg.topic()).and_then(|t| t.get(&msg.partition()))
+                else {
                     continue;
                 };
                 let part = &mut parts[pi];
@@ -312,6 +661,7 @@ impl KafkaSource {
                 }
             }
             if !read_any {
+                spare = Some(buf);
                 continue;
             }
             let bytes = Arc::new(PooledBytes::new(buf, Some(pool.clone())));

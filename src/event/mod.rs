@@ -183,6 +183,12 @@ pub struct SourceMeta {
     pub version: Box<str>,
 }
 
+/// The prefix of a [`Source::partition`] whose changes a worker of a consumer
+/// group reads for lookups only (`state:topic/partition`): every worker reads the
+/// looked-up tables in full, while their silver rows belong to the worker
+/// assigned the partition.
+pub const STATE_PARTITION_PREFIX: &str = "state:";
+
 /// Where one change came from.
 #[derive(Debug, Clone)]
 pub struct Source {

@@ -27,6 +27,10 @@ pub struct SilverRow {
     pub position: Option<String>,
     /// When the change was committed upstream (epoch ms).
     pub source_ts_ms: i64,
+    /// The transport partition the change came through (`topic/partition` for
+    /// Kafka): a worker of a consumer group rebuilds the facts of the partitions it
+    /// is assigned from the silver rows tagged with them.
+    pub partition: Option<Arc<str>>,
 }
 
 /// The values of one gold row after a batch; `measures: None` deletes the row
@@ -39,6 +43,10 @@ pub struct GoldChange {
     pub window_start: i64,
     pub group: Box<[Value]>,
     pub measures: Option<Box<[Value]>>,
+    /// The fact partition whose rows these values aggregate, when gold is kept per
+    /// partition (workers of a consumer group; see `Processor::set_group_mode`);
+    /// `None`: every fact row.
+    pub partition: Option<Arc<str>>,
 }
 
 /// A stage where a row can be quarantined.

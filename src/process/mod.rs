@@ -22,4 +22,5 @@ pub mod keymap;
 pub mod processor;
 pub mod window;
 
+pub use crate::event::STATE_PARTITION_PREFIX;
 pub use processor::{Processor, Stats};

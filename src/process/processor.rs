@@ -30,13 +30,19 @@ use crate::event::debezium::{self, Decoder};
 use crate::event::output::{
     Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverChange, SilverRow, Stage,
 };
-use crate::event::{BadEvent, Batch, Change, Checkpoint, Event, Key, Op, Row, TableId, Value};
+use crate::event::{
+    BadEvent, Batch, Change, Checkpoint, Event, Key, Op, Row, TableId, Value,
+    STATE_PARTITION_PREFIX,
+};
 
 /// A current row kept in memory, with the reason it failed its checks, if it did.
 #[derive(Debug, Clone)]
 struct Stored {
     row: Row,
     failed: Option<Arc<str>>,
+    /// The fact partition the row belongs to (an index into `Processor::part_names`;
+    /// 0 outside group mode), which its gold contribution is kept under.
+    part: u32,
 }
 
 #[derive(Debug, Default)]
@@ -72,9 +78,11 @@ struct GoldState {
     group_ids: HashMap<u64, Vec<u32>>,
     group_hasher: ahash::RandomState,
     groups: Vec<Box<[Value]>>,
-    windows: HashMap<(i64, u32), GroupState>,
+    /// (fact partition, window start, group) -> accumulators. The partition is 0
+    /// except in group mode, where each fact partition keeps its own share.
+    windows: HashMap<Slot, GroupState>,
     integer: Vec<bool>,
-    dirty: HashSet<(i64, u32)>,
+    dirty: HashSet<Slot>,
 }
 
 impl GoldState {
@@ -102,9 +110,13 @@ enum GroupRef {
     New(Box<[Value]>),
 }
 
+/// A gold row's place: (fact partition, window start, group id).
+type Slot = (u32, i64, u32);
+
 #[derive(Debug, Clone, PartialEq)]
 struct GoldPart {
     gold: usize,
+    part: u32,
     window: i64,
     group: GroupRef,
     inputs: Vec<Value>,
@@ -149,6 +161,21 @@ struct SavedState {
     partitions: BTreeMap<String, DedupState>,
 }
 
+/// How a change is applied in group mode (see [`Processor::set_group_mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Everything: state, silver, quarantine, gold (outside group mode, and facts
+    /// and unlooked-up tables of partitions this worker is assigned).
+    Full,
+    /// A dimension change read for lookups only: it updates the in-memory row and
+    /// the contributions of this worker's facts, but its own silver row and
+    /// quarantine record belong to whichever worker is assigned its partition.
+    StateOnly,
+    /// A dimension change of a partition this worker is assigned: its silver row
+    /// and quarantine record, no state (that comes through [`Role::StateOnly`]).
+    OutputOnly,
+}
+
 /// Reason codes the processor itself assigns.
 pub mod reason {
     pub const MISSING_EVENT_TIME: &str = "missing_event_time";
@@ -177,6 +204,11 @@ pub struct Processor {
     rules_touch_key: Vec<bool>,
     /// The bytes of the batch being processed, for quarantine payloads.
     bytes: Option<Arc<crate::event::PooledBytes>>,
+    /// Group mode: gold kept per fact partition, dimension changes split by role.
+    group_mode: bool,
+    /// Fact partition names by id; id 0 is "no partition".
+    part_names: Vec<Option<Arc<str>>>,
+    part_ids: HashMap<Arc<str>, u32>,
 }
 
 impl Processor {
@@ -332,6 +364,55 @@ impl Processor {
             missing_time: Arc::from(reason::MISSING_EVENT_TIME),
             rules_touch_key,
             bytes: None,
+            group_mode: false,
+            part_names: vec![None],
+            part_ids: HashMap::default(),
+        }
+    }
+
+    /// Makes this processor one worker of a consumer group. Fact changes come only
+    /// from the fact partitions this worker is assigned, and each fact partition
+    /// keeps its own gold rows (`GoldChange::partition`), so that the store can add
+    /// up the shares of all workers. Dimension changes come twice: from every
+    /// partition, for lookups (partition names starting with
+    /// [`STATE_PARTITION_PREFIX`]; no silver, no quarantine of their own), and from
+    /// the partitions this worker is assigned (silver and quarantine only). Call
+    /// before [`Processor::recover`].
+    pub fn set_group_mode(&mut self) {
+        self.group_mode = true;
+    }
+
+    /// The tables whose changes are read in group mode for lookups by every
+    /// worker: looked-up tables that are not facts themselves.
+    pub fn lookup_tables(&self) -> Vec<TableId> {
+        (0..self.tables.len()).filter(|&t| self.tables[t].kept && self.facts[t].is_none()).collect()
+    }
+
+    /// The tables holding facts (lookups or gold rules), kept per partition in
+    /// group mode.
+    pub fn fact_tables(&self) -> Vec<TableId> {
+        (0..self.facts.len()).filter(|&t| self.facts[t].is_some()).collect()
+    }
+
+    fn part_id(&mut self, partition: Option<&Arc<str>>) -> u32 {
+        let Some(p) = partition.filter(|_| self.group_mode) else { return 0 };
+        if let Some(id) = self.part_ids.get(p) {
+            return *id;
+        }
+        let id = self.part_names.len() as u32;
+        self.part_names.push(Some(p.clone()));
+        self.part_ids.insert(p.clone(), id);
+        id
+    }
+
+    fn role(&self, c: &Change) -> Role {
+        if !self.group_mode {
+            return Role::Full;
+        }
+        match &c.source.partition {
+            Some(p) if p.starts_with(STATE_PARTITION_PREFIX) => Role::StateOnly,
+            _ if self.tables[c.table].kept && self.facts[c.table].is_none() => Role::OutputOnly,
+            _ => Role::Full,
         }
     }
 
@@ -360,7 +441,7 @@ impl Processor {
         let mut rows: Vec<(i64, Vec<Value>, Vec<Value>)> = gs
             .windows
             .iter()
-            .map(|((w, g), st)| {
+            .map(|((_, w, g), st)| {
                 (
                     *w,
                     gs.groups[*g as usize].to_vec(),
@@ -427,6 +508,7 @@ impl Processor {
             self.stats.duplicates += 1;
             return;
         }
+        let role = self.role(&c);
         // An update that changes the primary key moves the row: Debezium sends a
         // delete and an insert; a source that sends one update gets the same here.
         if c.op == Op::Update {
@@ -437,18 +519,20 @@ impl Processor {
                     let mut delete = c.clone();
                     delete.op = Op::Delete;
                     delete.after = None;
-                    self.apply_change(delete);
+                    self.apply_change(delete, role);
                     c.op = Op::Insert;
                     c.before = None;
                 }
             }
         }
-        self.apply_change(c);
+        self.apply_change(c, role);
     }
 
     /// Applies one admitted change.
-    fn apply_change(&mut self, mut c: Change) {
+    fn apply_change(&mut self, mut c: Change, role: Role) {
         let t = c.table;
+        let part =
+            if self.facts[t].is_some() { self.part_id(c.source.partition.as_ref()) } else { 0 };
         let spec = self.spec.clone();
         let schema = spec.catalog.table(t);
         let (key, new): (Key, Option<(Row, Verdict)>) = match c.op {
@@ -467,8 +551,9 @@ impl Processor {
         };
 
         let is_fact = self.facts[t].is_some();
-        let kept = self.tables[t].kept;
-        let new = new.map(|(row, verdict)| (Stored { row, failed: verdict.failed }, verdict.flags));
+        let kept = self.tables[t].kept && role != Role::OutputOnly;
+        let new =
+            new.map(|(row, verdict)| (Stored { row, failed: verdict.failed, part }, verdict.flags));
         let old = if kept { self.tables[t].rows.get(&key) } else { None };
         // For facts the open quarantine always equals the contribution's, so no
         // lookup in `open_quarantine` is needed.
@@ -486,7 +571,7 @@ impl Processor {
 
         // Facts that look this row up, with what they contribute before the change.
         let mut affected: Vec<(TableId, Key, Contribution)> = Vec::new();
-        if !self.dependents[t].is_empty() {
+        if !self.dependents[t].is_empty() && role != Role::OutputOnly {
             let old_visible = old.filter(|s| s.failed.is_none());
             let new_visible = new.as_ref().filter(|(s, _)| s.failed.is_none()).map(|(s, _)| &s.row);
             for &(f, l) in &self.dependents[t] {
@@ -527,7 +612,7 @@ impl Processor {
         // Silver and the quarantine payload are built before the row moves into state.
         let new_failed = new.as_ref().and_then(|(s, _)| s.failed.clone());
         // Kept tables always write silver: recovery rebuilds their state from it.
-        if self.emit && (spec.tables[t].silver || self.tables[t].kept) {
+        if self.emit && role != Role::StateOnly && (spec.tables[t].silver || self.tables[t].kept) {
             let silver = match &new {
                 Some((stored, flags)) if stored.failed.is_none() => Some(SilverRow {
                     values: stored.row.clone(),
@@ -535,6 +620,7 @@ impl Processor {
                     extra: c.extra.take(),
                     position: c.source.position.as_ref().map(ToString::to_string),
                     source_ts_ms: c.source.ts_ms,
+                    partition: c.source.partition.clone(),
                 }),
                 _ => None,
             };
@@ -569,6 +655,7 @@ impl Processor {
         let event = (&c, payload_row);
         match (old_contribution, new_contribution) {
             (Some(old), Some(new_c)) => self.transition(t, &key, old, new_c, Some(event)),
+            _ if role == Role::StateOnly => {}
             _ => {
                 let new_q = new_failed.map(|r| (Stage::Validate, r));
                 let old_q = self.open_quarantine.get(&(t, key.clone())).cloned();
@@ -713,7 +800,7 @@ impl Processor {
                 .iter()
                 .map(|m| m.expr.as_ref().map_or(Value::Null, |e| eval(e, &scope).into_owned()))
                 .collect();
-            out.gold.push(GoldPart { gold: g, window, group, inputs });
+            out.gold.push(GoldPart { gold: g, part: stored.part, window, group, inputs });
         }
         out
     }
@@ -757,7 +844,7 @@ impl Processor {
                 }
             }
         };
-        let slot = (part.window, id);
+        let slot = (part.part, part.window, id);
         let state = gs.windows.entry(slot).or_insert_with(|| GroupState {
             rows: 0,
             measures: spec
@@ -777,7 +864,7 @@ impl Processor {
         if self.emit {
             gs.dirty.insert(slot);
             if spec.trend.is_some() {
-                gs.dirty.insert((part.window + spec.window_micros, id));
+                gs.dirty.insert((part.part, part.window + spec.window_micros, id));
             }
         }
     }
@@ -859,14 +946,14 @@ impl Processor {
         let mut gold = Vec::new();
         for (g, gs) in self.gold.iter_mut().enumerate() {
             let spec = &self.spec.gold[g];
-            for (window, id) in gs.dirty.drain() {
-                let measures = gs.windows.get(&(window, id)).map(|st| {
+            for (part, window, id) in gs.dirty.drain() {
+                let measures = gs.windows.get(&(part, window, id)).map(|st| {
                     let mut values: Vec<Value> =
                         st.measures.iter().map(Accumulator::value).collect();
                     if let Some(ti) = spec.trend {
                         let prev = gs
                             .windows
-                            .get(&(window - spec.window_micros, id))
+                            .get(&(part, window - spec.window_micros, id))
                             .map(|p| p.measures[ti].value());
                         let change =
                             match (values[ti].to_decimal(), prev.and_then(|p| p.to_decimal())) {
@@ -882,6 +969,7 @@ impl Processor {
                     window_start: window,
                     group: gs.groups[id as usize].clone(),
                     measures,
+                    partition: self.part_names.get(part as usize).cloned().flatten(),
                 });
             }
         }
@@ -925,13 +1013,24 @@ impl Processor {
                     .iter()
                     .map(|(p, d)| (Arc::from(p.as_str()), Dedup::restore(d)))
                     .collect();
+                if self.group_mode {
+                    // Lookups read every partition from where its owner committed,
+                    // with the owner's mark.
+                    for (p, d) in &saved.partitions {
+                        let name = format!("{STATE_PARTITION_PREFIX}{p}");
+                        self.partition_dedup.insert(Arc::from(name), Dedup::restore(d));
+                    }
+                }
             }
         }
         self.pending.checkpoint = recovered.checkpoint.clone().unwrap_or_default();
+        let mut partitions = recovered.partitions.into_iter();
         for (t, row) in recovered.rows {
+            let partition = partitions.next().flatten();
+            let part = if self.facts[t].is_some() { self.part_id(partition.as_ref()) } else { 0 };
             let schema = self.spec.catalog.table(t);
             if let Some(key) = Key::of(&row, &schema.key) {
-                self.tables[t].rows.insert(key, Stored { row, failed: None });
+                self.tables[t].rows.insert(key, Stored { row, failed: None, part });
             }
         }
         let mut decoder = Decoder::new(self.spec.catalog.clone());
@@ -959,6 +1058,8 @@ impl Processor {
                                         Stored {
                                             row,
                                             failed: verdict.failed.or(Some(reason.clone())),
+                                            // Failed rows contribute to no partition.
+                                            part: 0,
                                         },
                                     );
                                 }
@@ -1000,7 +1101,7 @@ impl Processor {
         if emit {
             self.pending.gold_reset = true;
             for gs in &mut self.gold {
-                let slots: Vec<(i64, u32)> = gs.windows.keys().copied().collect();
+                let slots: Vec<Slot> = gs.windows.keys().copied().collect();
                 gs.dirty.extend(slots);
             }
         }

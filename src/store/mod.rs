@@ -26,6 +26,9 @@ pub struct Recovered {
     pub state: Option<String>,
     /// Current silver rows of the tables asked for.
     pub rows: Vec<(TableId, Row)>,
+    /// The transport partition of each row of `rows`, same order (empty when the
+    /// store does not keep them).
+    pub partitions: Vec<Option<Arc<str>>>,
     /// Quarantine records not yet resolved.
     pub open_quarantine: Vec<QuarantineRecord>,
 }
@@ -47,6 +50,11 @@ pub enum StoreError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// Another worker of the consumer group committed one of this worker's
+    /// partitions since this worker read it: the partition was reassigned. Nothing
+    /// of the commit was written; the worker rebuilds its state from the store.
+    #[error("fenced: {message}")]
+    Fenced { message: String },
     /// A write failed in a way a retry will not fix (schema conflict, disk full, corruption).
     #[error("store write failed: {message}")]
     Definite {

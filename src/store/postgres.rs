@@ -86,13 +86,15 @@ const DAY_MICROS: i64 = 86_400_000_000;
 
 /// Bookkeeping columns after the declared ones in every silver table (`_updated_at`
 /// is set by the server, the others come with the row).
-const SILVER_META: [(&str, ColumnType); 4] = [
+const SILVER_META: [(&str, ColumnType); 5] = [
     ("_flags", ColumnType::String),
     ("_extra", ColumnType::String),
     ("_position", ColumnType::String),
     ("_source_ts_ms", ColumnType::Int),
+    ("_partition", ColumnType::String),
 ];
-const GOLD_RESERVED: [&str; 4] = ["window_start", "window_end", "group_key", "updated_at"];
+const GOLD_RESERVED: [&str; 5] =
+    ["window_start", "window_end", "group_key", "updated_at", "_partition"];
 /// The transaction's start time in UTC, for the `*_at` columns.
 const NOW: &str = "(now() AT TIME ZONE 'UTC')";
 /// Serializes schema changes of workers starting together (CREATE TABLE IF NOT
@@ -127,6 +129,7 @@ CREATE TABLE IF NOT EXISTS "caudal_checkpoint" (
     "event_count" BIGINT NOT NULL,
     "updated_at" TIMESTAMP NOT NULL
 );
+ALTER TABLE "caudal_checkpoint" ADD COLUMN IF NOT EXISTS "version" BIGINT NOT NULL DEFAULT 0;
 "#;
 
 /// Opens a quarantine record without ever duplicating one (the rules of the SQLite
@@ -175,6 +178,22 @@ const CHECKPOINT_UPSERT: &str = r#"INSERT INTO "caudal_checkpoint"
         "updated_at" = excluded."updated_at""#;
 const CHECKPOINT_READ: &str =
     r#"SELECT "checkpoint", "state" FROM "caudal_checkpoint" WHERE "stream" = $1"#;
+/// A group worker's checkpoint of one partition, written only if nobody else wrote
+/// it since this worker read it (`version` as read, or 0 for a new row): a worker
+/// whose partition was reassigned cannot overwrite the new owner's progress.
+const PARTITION_CHECKPOINT: &str = r#"INSERT INTO "caudal_checkpoint"
+    ("stream", "checkpoint", "state", "event_count", "updated_at", "version")
+    VALUES ($1, $2, $3, $4, (now() AT TIME ZONE 'UTC'), $5::bigint + 1)
+    ON CONFLICT ("stream") DO UPDATE SET
+        "checkpoint" = excluded."checkpoint",
+        "state" = excluded."state",
+        "event_count" = excluded."event_count",
+        "updated_at" = excluded."updated_at",
+        "version" = excluded."version"
+    WHERE "caudal_checkpoint"."version" = $5::bigint"#;
+/// Every partition checkpoint of a group: `<stream>@<topic>/<partition>`.
+const PARTITION_CHECKPOINT_READ: &str = r#"SELECT "stream", "checkpoint", "state", "version"
+    FROM "caudal_checkpoint" WHERE starts_with("stream", $1)"#;
 
 /// A [`Sink`] writing to one PostgreSQL database.
 pub struct PostgresSink {
@@ -182,6 +201,34 @@ pub struct PostgresSink {
     stream: String,
     plan: Arc<Plan>,
     conn: Option<Conn>,
+    /// Set for a worker of a consumer group.
+    group: Option<GroupAssignment>,
+    /// Group mode: the `version` of each assigned partition's checkpoint row as this
+    /// worker last read or wrote it.
+    versions: HashMap<String, i64>,
+}
+
+/// What a worker of a consumer group is assigned (see [`PostgresSink::set_group`]).
+#[derive(Debug, Clone, Default)]
+pub struct GroupAssignment {
+    /// Partition names (`topic/partition`) this worker is assigned.
+    pub partitions: Vec<String>,
+    /// Tables whose silver rows are recovered for the assigned partitions only
+    /// (facts); the rows of the other tables asked for are recovered in full.
+    pub fact_tables: Vec<TableId>,
+}
+
+/// One partition's committed progress in a group: next offset, and how far the
+/// worker that committed it had read the looked-up tables' partitions.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionProgress {
+    pub offset: i64,
+    pub lookups: std::collections::BTreeMap<String, i64>,
+}
+
+/// The group checkpoint row's name of a partition.
+fn partition_stream(stream: &str, partition: &str) -> String {
+    format!("{stream}@{partition}")
 }
 
 /// One connection and what was prepared on it.
@@ -199,7 +246,27 @@ impl PostgresSink {
     /// reserves.
     pub fn new(url: &str, spec: Arc<PipelineSpec>, stream: &str) -> Result<Self, StoreError> {
         let plan = Arc::new(Plan::new(&spec)?);
-        Ok(Self { url: url.to_owned(), stream: stream.to_owned(), plan, conn: None })
+        Ok(Self {
+            url: url.to_owned(),
+            stream: stream.to_owned(),
+            plan,
+            conn: None,
+            group: None,
+            versions: HashMap::new(),
+        })
+    }
+
+    /// Makes this sink the store of one worker of a consumer group, assigned
+    /// `assignment`. Then:
+    /// - the checkpoint is one row per partition, `<stream>@<topic>/<partition>`,
+    ///   each written only if its `version` is still the one this worker read
+    ///   (else [`StoreError::Fenced`]);
+    /// - `recover` merges every partition row of the stream and returns the fact
+    ///   rows of the assigned partitions only;
+    /// - a commit's `gold_reset` clears the gold rows of the assigned partitions only.
+    pub fn set_group(&mut self, assignment: GroupAssignment) {
+        self.group = Some(assignment);
+        self.versions.clear();
     }
 
     /// The open connection, reconnecting when there is none or it was closed (a
@@ -231,15 +298,25 @@ impl Sink for PostgresSink {
     async fn recover(&mut self, tables: &[TableId]) -> Result<Recovered, StoreError> {
         let plan = Arc::clone(&self.plan);
         let stream = self.stream.clone();
+        let group = self.group.clone();
         let conn = self.conn().await?;
-        recover(&mut conn.client, &plan, &stream, tables).await
+        let (recovered, versions) =
+            recover(&mut conn.client, &plan, &stream, tables, group.as_ref()).await?;
+        self.versions = versions;
+        Ok(recovered)
     }
 
     async fn write(&mut self, commit: Arc<Commit>) -> Result<Ack, StoreError> {
         let plan = Arc::clone(&self.plan);
         let stream = self.stream.clone();
-        let conn = self.conn().await?;
-        write(conn, &plan, &stream, &commit).await
+        let group = self.group.clone();
+        let mut versions = std::mem::take(&mut self.versions);
+        let result = match self.conn().await {
+            Ok(conn) => write(conn, &plan, &stream, &commit, group.as_ref(), &mut versions).await,
+            Err(e) => Err(e),
+        };
+        self.versions = versions;
+        result
     }
 }
 
@@ -278,7 +355,7 @@ pub async fn read_gold(
     })?;
     let table = GoldTable::new(g)?;
     let client = connect(url).await?;
-    let context = || format!("select from `{}`", table.table);
+    let context = || format!("select from `{}`", table.view);
     let rows = client.query(&table.select, &[]).await.map_err(|e| pg_error(e, context()))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
@@ -289,7 +366,7 @@ pub async fn read_gold(
         let Value::Timestamp(start) = values.remove(0) else {
             return Err(definite(format!(
                 "`{}` has a `window_start` that is not a timestamp",
-                table.table
+                table.view
             )));
         };
         let measures = values.split_off(table.groups);
@@ -354,7 +431,9 @@ struct SilverTable {
     stage_upsert: String,
     /// Wire types of the data columns (declared then bookkeeping), for COPY.
     wire: Vec<Type>,
+    /// The declared columns and `_partition`: every row, or those of some partitions.
     select: String,
+    select_partitions: String,
 }
 
 impl SilverTable {
@@ -429,8 +508,10 @@ impl SilverTable {
              SELECT {names}, {NOW} FROM {stage} {conflict}"
         );
         let declared = schema.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>();
-        let select = format!("SELECT {} FROM {quoted}", declared.join(", "));
+        let select = format!("SELECT {}, \"_partition\" FROM {quoted}", declared.join(", "));
+        let select_partitions = format!("{select} WHERE \"_partition\" = ANY($1::text[])");
         Ok(Self {
+            select_partitions,
             table,
             types: schema.columns.iter().map(|c| c.ty).collect(),
             key: schema.key.clone(),
@@ -467,25 +548,34 @@ impl GoldType {
 }
 
 struct GoldTable {
-    /// `gold_<name>`, unquoted, for messages.
+    /// `gold_<name>_part`, unquoted, for messages: one row per fact partition,
+    /// window and group (partition `''` outside a consumer group).
     table: String,
+    /// `gold_<name>`, the view adding up the partitions' rows.
+    view: String,
     groups: usize,
-    /// Measure columns including the trend column.
+    /// Measure values a gold change carries, including the trend value.
     measures: usize,
-    /// Measure columns without the trend column (what exports report).
+    /// Measure columns without the trend column (what the partition table keeps and
+    /// exports report; the view computes the trend).
     reported: usize,
     window_micros: i64,
     columns: Vec<(String, &'static str)>,
     create: String,
+    /// Drops and recreates the view (its columns follow the rule's).
+    create_view: String,
     upsert: String,
     delete: String,
     clear: String,
+    /// Clears the rows of the partitions given as a text array.
+    clear_partitions: String,
     select: String,
 }
 
 impl GoldTable {
     fn new(g: &GoldSpec) -> Result<Self, StoreError> {
-        let table = format!("gold_{}", g.name);
+        let view = format!("gold_{}", g.name);
+        let table = format!("{view}_part");
         let mut outputs: Vec<(String, GoldType)> =
             g.group_by.iter().map(|(n, _)| (n.clone(), GoldType::Text)).collect();
         outputs.extend(g.measures.iter().map(|m| {
@@ -497,12 +587,14 @@ impl GoldTable {
             };
             (m.name.clone(), ty)
         }));
-        if let Some(t) = g.trend.and_then(|t| g.measures.get(t)) {
-            outputs.push((format!("{}_trend", t.name), GoldType::Numeric));
+        let trend = g.trend.and_then(|t| g.measures.get(t)).map(|t| t.name.clone());
+        let mut named: Vec<String> = outputs.iter().map(|(n, _)| n.clone()).collect();
+        if let Some(t) = &trend {
+            named.push(format!("{t}_trend"));
         }
-        for (i, (name, _)) in outputs.iter().enumerate() {
+        for (i, name) in named.iter().enumerate() {
             let clash = GOLD_RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
-                || outputs[..i].iter().any(|(o, _)| o.eq_ignore_ascii_case(name));
+                || named[..i].iter().any(|o| o.eq_ignore_ascii_case(name));
             if clash {
                 return Err(definite(format!(
                     "gold `{}` has an output column `{name}` that clashes with another column",
@@ -511,6 +603,7 @@ impl GoldTable {
             }
         }
         let mut columns: Vec<(String, &'static str)> = vec![
+            ("_partition".to_owned(), "TEXT NOT NULL"),
             ("window_start".to_owned(), "TIMESTAMP NOT NULL"),
             ("window_end".to_owned(), "TIMESTAMP NOT NULL"),
             ("group_key".to_owned(), "TEXT NOT NULL"),
@@ -518,8 +611,8 @@ impl GoldTable {
         columns.extend(outputs.iter().map(|(n, t)| (n.clone(), t.sql())));
         columns.push(("updated_at".to_owned(), "TIMESTAMP"));
         let quoted = ident(&table);
-        let create = create_sql(&quoted, &columns, r#""window_start", "group_key""#);
-        let mut arrays = vec!["$1::timestamp[]", "$2::timestamp[]", "$3::text[]"]
+        let create = create_sql(&quoted, &columns, r#""_partition", "window_start", "group_key""#);
+        let mut arrays = vec!["$1::text[]", "$2::timestamp[]", "$3::timestamp[]", "$4::text[]"]
             .into_iter()
             .map(str::to_owned)
             .collect::<Vec<_>>();
@@ -527,7 +620,7 @@ impl GoldTable {
             outputs
                 .iter()
                 .enumerate()
-                .map(|(i, (_, t))| format!("${}::{}[]", i + 4, t.sql().to_ascii_lowercase())),
+                .map(|(i, (_, t))| format!("${}::{}[]", i + 5, t.sql().to_ascii_lowercase())),
         );
         let names = columns[..columns.len() - 1]
             .iter()
@@ -536,33 +629,88 @@ impl GoldTable {
             .join(", ");
         let updates = columns
             .iter()
-            .skip(1)
+            .skip(2)
             .filter(|(n, _)| n != "group_key")
             .map(|(n, _)| format!("{0} = excluded.{0}", ident(n)))
             .collect::<Vec<_>>()
             .join(", ");
         let upsert = format!(
             "INSERT INTO {quoted} ({names}, \"updated_at\") SELECT *, {NOW} FROM unnest({}) \
-             ON CONFLICT (\"window_start\", \"group_key\") DO UPDATE SET {updates}",
+             ON CONFLICT (\"_partition\", \"window_start\", \"group_key\") DO UPDATE SET {updates}",
             arrays.join(", ")
         );
         let delete = format!(
-            "DELETE FROM {quoted} AS t USING unnest($1::timestamp[], $2::text[]) AS d(s, k) \
-             WHERE t.\"window_start\" = d.s AND t.\"group_key\" = d.k"
+            "DELETE FROM {quoted} AS t USING unnest($1::text[], $2::timestamp[], $3::text[]) \
+             AS d(p, s, k) WHERE t.\"_partition\" = d.p AND t.\"window_start\" = d.s \
+             AND t.\"group_key\" = d.k"
         );
         let clear = format!("DELETE FROM {quoted}");
-        let select = super::gold_select(&quoted, g);
+        let clear_partitions =
+            format!("DELETE FROM {quoted} WHERE \"_partition\" = ANY($1::text[])");
+        // The view: partitions' shares added up per window and group. Counts and
+        // sums add; min and max take the extreme (of the text form); avg is exact
+        // only with one partition (the partition rows do not keep sum and count).
+        let group_cols: Vec<String> = g.group_by.iter().map(|(n, _)| ident(n)).collect();
+        let mut agg_cols: Vec<String> = Vec::new();
+        for m in &g.measures {
+            let c = ident(&m.name);
+            agg_cols.push(match m.agg {
+                Agg::Count => format!("sum({c})::bigint AS {c}"),
+                Agg::Sum => format!("sum({c}) AS {c}"),
+                Agg::Avg => format!("avg({c}) AS {c}"),
+                Agg::Min => format!("min({c} COLLATE \"C\") AS {c}"),
+                Agg::Max => format!("max({c} COLLATE \"C\") AS {c}"),
+            });
+        }
+        let mut grouped = vec![r#""window_start""#.to_owned(), r#""group_key""#.to_owned()];
+        grouped.extend(group_cols.iter().cloned());
+        let inner = format!(
+            "SELECT \"window_start\", max(\"window_end\") AS \"window_end\", \"group_key\"{}, {}, \
+             max(\"updated_at\") AS \"updated_at\" FROM {quoted} GROUP BY {}",
+            group_cols.iter().map(|c| format!(", {c}")).collect::<String>(),
+            agg_cols.join(", "),
+            grouped.join(", ")
+        );
+        let mut outer: Vec<String> = vec![
+            r#"a."window_start""#.to_owned(),
+            r#"a."window_end""#.to_owned(),
+            r#"a."group_key""#.to_owned(),
+        ];
+        outer.extend(group_cols.iter().map(|c| format!("a.{c}")));
+        outer.extend(g.measures.iter().map(|m| format!("a.{}", ident(&m.name))));
+        let from = match &trend {
+            Some(t) => {
+                outer.push(format!("a.{0} - p.{0} AS {1}", ident(t), ident(&format!("{t}_trend"))));
+                format!(
+                    "\"a\" LEFT JOIN \"a\" AS \"p\" ON p.\"group_key\" = a.\"group_key\" \
+                     AND p.\"window_start\" = a.\"window_start\" - interval '{} microseconds'",
+                    g.window_micros
+                )
+            }
+            None => "\"a\"".to_owned(),
+        };
+        outer.push(r#"a."updated_at""#.to_owned());
+        let quoted_view = ident(&view);
+        let create_view = format!(
+            "DROP VIEW IF EXISTS {quoted_view}; CREATE VIEW {quoted_view} AS \
+             WITH \"a\" AS ({inner}) SELECT {} FROM {from}",
+            outer.join(", ")
+        );
+        let select = super::gold_select(&quoted_view, g);
         Ok(Self {
             table,
+            view,
             groups: g.group_by.len(),
-            measures: outputs.len() - g.group_by.len(),
+            measures: named.len() - g.group_by.len(),
             reported: g.measures.len(),
             window_micros: g.window_micros,
             columns,
             create,
+            create_view,
             upsert,
             delete,
             clear,
+            clear_partitions,
             select,
         })
     }
@@ -861,6 +1009,10 @@ fn typed(ty: ColumnType, v: Value) -> Value {
 
 async fn create_schema(client: &mut Client, plan: &Plan) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(|e| pg_error(e, "begin schema".to_owned()))?;
+    // `IF NOT EXISTS` notices on every start (of every worker generation) say nothing.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(|e| pg_error(e, "set up the schema transaction".to_owned()))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await
         .map_err(|e| pg_error(e, "lock the schema".to_owned()))?;
@@ -870,9 +1022,28 @@ async fn create_schema(client: &mut Client, plan: &Plan) -> Result<(), StoreErro
     for t in &plan.silver {
         ensure_table(&tx, &t.table, &t.create, &t.columns, &t.key_names).await?;
     }
-    let gold_key = ["window_start".to_owned(), "group_key".to_owned()];
+    let gold_key = ["_partition".to_owned(), "window_start".to_owned(), "group_key".to_owned()];
     for g in &plan.gold {
+        // Before gold was kept per partition, `gold_<name>` was a table. Gold is
+        // derived: recovery rewrites it from silver, so the old table just goes.
+        let old_table: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'r')",
+                &[&ident(&g.view)],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| pg_error(e, format!("look up `{}`", g.view)))?;
+        if old_table {
+            tx.batch_execute(&format!("DROP TABLE {}", ident(&g.view)))
+                .await
+                .map_err(|e| pg_error(e, format!("drop the old table `{}`", g.view)))?;
+            tracing::info!(table = %g.view, "replaced the gold table by a view over its partitions");
+        }
         ensure_table(&tx, &g.table, &g.create, &g.columns, &gold_key).await?;
+        tx.batch_execute(&g.create_view)
+            .await
+            .map_err(|e| pg_error(e, format!("create the view `{}`", g.view)))?;
     }
     tx.commit().await.map_err(|e| pg_error(e, "commit schema".to_owned()))
 }
@@ -949,32 +1120,63 @@ async fn write(
     plan: &Plan,
     stream: &str,
     commit: &Commit,
+    group: Option<&GroupAssignment>,
+    versions: &mut HashMap<String, i64>,
 ) -> Result<Ack, StoreError> {
     let Conn { client, statements } = conn;
     // Gold group keys are built here and borrowed by the parameters.
     let gold_keys: Vec<String> = commit.gold.iter().map(|c| group_key(&c.group)).collect();
+    // Group mode: the partitions' rows, each checked against the version read.
+    let partition_rows = match group {
+        Some(a) => partition_checkpoints(stream, commit, &a.partitions)?,
+        None => Vec::new(),
+    };
     let mut jobs: Vec<Job<'_>> = Vec::new();
     let mut copies: Vec<(&SilverTable, Vec<&SilverRow>)> = Vec::new();
     silver_jobs(plan, commit, &mut jobs, &mut copies)?;
     if commit.gold_reset {
         for g in &plan.gold {
-            jobs.push(Job { what: format!("clear `{}`", g.table), sql: &g.clear, params: vec![] });
+            let what = format!("clear `{}`", g.table);
+            match group {
+                None => jobs.push(Job { what, sql: &g.clear, params: vec![] }),
+                Some(a) => jobs.push(Job {
+                    what,
+                    sql: &g.clear_partitions,
+                    params: vec![Box::new(&a.partitions)],
+                }),
+            }
         }
     }
     gold_jobs(plan, &commit.gold, &gold_keys, &mut jobs)?;
     for op in &commit.quarantine {
         jobs.push(quarantine_job(op));
     }
-    jobs.push(Job {
-        what: "upsert into `caudal_checkpoint`".to_owned(),
-        sql: CHECKPOINT_UPSERT,
-        params: vec![
-            Box::new(stream),
-            Box::new(commit.checkpoint.0.as_str()),
-            Box::new(commit.state.as_str()),
-            Box::new(i64::try_from(commit.event_count).unwrap_or(i64::MAX)),
-        ],
-    });
+    let first_partition_job = jobs.len();
+    for (name, row_stream, checkpoint, state, offset) in &partition_rows {
+        jobs.push(Job {
+            what: format!("checkpoint partition `{name}`"),
+            sql: PARTITION_CHECKPOINT,
+            params: vec![
+                Box::new(row_stream.as_str()),
+                Box::new(checkpoint.as_str()),
+                Box::new(state.as_str()),
+                Box::new(*offset),
+                Box::new(versions.get(name).copied().unwrap_or(0)),
+            ],
+        });
+    }
+    if group.is_none() {
+        jobs.push(Job {
+            what: "upsert into `caudal_checkpoint`".to_owned(),
+            sql: CHECKPOINT_UPSERT,
+            params: vec![
+                Box::new(stream),
+                Box::new(commit.checkpoint.0.as_str()),
+                Box::new(commit.state.as_str()),
+                Box::new(i64::try_from(commit.event_count).unwrap_or(i64::MAX)),
+            ],
+        });
+    }
 
     let tx = client.transaction().await.map_err(|e| pg_error(e, "begin commit".to_owned()))?;
     for (t, rows) in &copies {
@@ -996,9 +1198,67 @@ async fn write(
             }) as PinnedJob<'_>
         })
         .collect();
-    pipelined(futures).await?;
+    let counts = pipelined(futures).await?;
+    let fenced: Vec<&str> = partition_rows
+        .iter()
+        .zip(&counts[first_partition_job..])
+        .filter(|(_, n)| **n != 1)
+        .map(|((name, ..), _)| name.as_str())
+        .collect();
+    if !fenced.is_empty() {
+        // Dropping the transaction rolls the whole commit back.
+        return Err(StoreError::Fenced {
+            message: format!(
+                "another worker committed partitions {fenced:?} since this worker read them"
+            ),
+        });
+    }
     tx.commit().await.map_err(|e| pg_error(e, "commit".to_owned()))?;
+    for (name, ..) in &partition_rows {
+        *versions.entry(name.clone()).or_insert(0) += 1;
+    }
     Ok(Ack { checkpoint: commit.checkpoint.clone(), event_count: commit.event_count })
+}
+
+/// A group commit's checkpoint rows: per assigned partition, its name, row name, `{"<partition>": offset}`, the
+/// state `{"partitions": {"<partition>": mark}, "lookups": {..}}` and the offset.
+type PartitionRow = (String, String, String, String, i64);
+
+fn partition_checkpoints(
+    stream: &str,
+    commit: &Commit,
+    assigned: &[String],
+) -> Result<Vec<PartitionRow>, StoreError> {
+    use std::collections::BTreeMap;
+    let prefix = crate::event::STATE_PARTITION_PREFIX;
+    // Empty: nothing was ever read (a first commit right after recovery).
+    let offsets: BTreeMap<String, i64> = match commit.checkpoint.0.as_str() {
+        "" => BTreeMap::new(),
+        text => serde_json::from_str(text)
+            .map_err(|e| definite(format!("a group checkpoint is not a map of offsets: {e}")))?,
+    };
+    let state: serde_json::Value = serde_json::from_str(&commit.state).unwrap_or_default();
+    let marks = state.get("partitions").and_then(|p| p.as_object());
+    let lookups: BTreeMap<&str, i64> =
+        offsets.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k, *v))).collect();
+    let mut rows = Vec::new();
+    // Only the assigned partitions: after recovery the checkpoint holds every
+    // partition's offset, and the others belong to other workers.
+    for (name, offset) in offsets.iter().filter(|(k, _)| assigned.contains(k)) {
+        let mark = marks.and_then(|m| m.get(name)).cloned().unwrap_or_default();
+        let row_state = serde_json::json!({
+            "partitions": { name.as_str(): mark },
+            "lookups": lookups,
+        });
+        rows.push((
+            name.clone(),
+            partition_stream(stream, name),
+            serde_json::json!({ name.as_str(): offset }).to_string(),
+            row_state.to_string(),
+            *offset,
+        ));
+    }
+    Ok(rows)
 }
 
 type PinnedJob<'f> = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send + 'f>>;
@@ -1007,16 +1267,16 @@ type PinnedJob<'f> = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send
 /// tokio-postgres sends its request, so the server receives and runs them in order
 /// while the client waits once. Returns the first error (later statements then fail
 /// too: the transaction is aborted).
-async fn pipelined(mut futures: Vec<PinnedJob<'_>>) -> Result<(), StoreError> {
-    let mut done = vec![false; futures.len()];
+async fn pipelined(mut futures: Vec<PinnedJob<'_>>) -> Result<Vec<u64>, StoreError> {
+    let mut done: Vec<Option<u64>> = vec![None; futures.len()];
     std::future::poll_fn(|cx| {
         let mut pending = false;
         for (f, d) in futures.iter_mut().zip(done.iter_mut()) {
-            if *d {
+            if d.is_some() {
                 continue;
             }
             match f.as_mut().poll(cx) {
-                Poll::Ready(Ok(_)) => *d = true,
+                Poll::Ready(Ok(n)) => *d = Some(n),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => pending = true,
             }
@@ -1027,7 +1287,8 @@ async fn pipelined(mut futures: Vec<PinnedJob<'_>>) -> Result<(), StoreError> {
             Poll::Ready(Ok(()))
         }
     })
-    .await
+    .await?;
+    Ok(done.into_iter().map(Option::unwrap_or_default).collect())
 }
 
 /// The statement for `sql`, prepared on this connection once.
@@ -1137,6 +1398,7 @@ fn silver_params(row: &SilverRow) -> impl Iterator<Item = Param<'_>> {
         Param::Text(row.extra.as_deref()),
         Param::Text(row.position.as_deref()),
         Param::Int(row.source_ts_ms),
+        Param::Text(row.partition.as_deref()),
     ])
 }
 
@@ -1177,8 +1439,8 @@ fn gold_jobs<'a>(
     jobs: &mut Vec<Job<'a>>,
 ) -> Result<(), StoreError> {
     for (gi, g) in plan.gold.iter().enumerate() {
-        let mut upserts: Vec<(i64, &'a str, &'a GoldChange, &'a [Value])> = Vec::new();
-        let mut deletes: Vec<(i64, &'a str)> = Vec::new();
+        let mut upserts: Vec<(&'a str, i64, &'a str, &'a GoldChange, &'a [Value])> = Vec::new();
+        let mut deletes: Vec<(&'a str, i64, &'a str)> = Vec::new();
         for (change, key) in changes.iter().zip(keys).filter(|(c, _)| c.gold == gi) {
             if change.group.len() != g.groups {
                 return Err(definite(format!(
@@ -1197,8 +1459,18 @@ fn gold_jobs<'a>(
                         g.measures
                     )))
                 }
-                Some(m) => upserts.push((change.window_start, key.as_str(), change, m)),
-                None => deletes.push((change.window_start, key.as_str())),
+                Some(m) => upserts.push((
+                    change.partition.as_deref().unwrap_or(""),
+                    change.window_start,
+                    key.as_str(),
+                    change,
+                    m,
+                )),
+                None => deletes.push((
+                    change.partition.as_deref().unwrap_or(""),
+                    change.window_start,
+                    key.as_str(),
+                )),
             }
         }
         if let Some(c) = changes.iter().find(|c| c.gold >= plan.gold.len()) {
@@ -1206,23 +1478,27 @@ fn gold_jobs<'a>(
         }
         if !deletes.is_empty() {
             deletes.sort_unstable();
-            let starts: Vec<Param<'a>> = deletes.iter().map(|d| Param::Timestamp(d.0)).collect();
-            let keys: Vec<Param<'a>> = deletes.iter().map(|d| Param::Text(Some(d.1))).collect();
+            let parts: Vec<Param<'a>> = deletes.iter().map(|d| Param::Text(Some(d.0))).collect();
+            let starts: Vec<Param<'a>> = deletes.iter().map(|d| Param::Timestamp(d.1)).collect();
+            let keys: Vec<Param<'a>> = deletes.iter().map(|d| Param::Text(Some(d.2))).collect();
             jobs.push(Job {
                 what: format!("delete from `{}`", g.table),
                 sql: &g.delete,
-                params: vec![Box::new(starts), Box::new(keys)],
+                params: vec![Box::new(parts), Box::new(starts), Box::new(keys)],
             });
         }
         if !upserts.is_empty() {
-            upserts.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            upserts.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
             let n = upserts.len();
+            let mut parts = Vec::with_capacity(n);
             let mut starts = Vec::with_capacity(n);
             let mut ends = Vec::with_capacity(n);
             let mut group_keys = Vec::with_capacity(n);
+            // The trend is not stored per partition: the view computes it.
             let mut outputs: Vec<Vec<Param<'a>>> =
-                (0..g.groups + g.measures).map(|_| Vec::with_capacity(n)).collect();
-            for (start, key, change, measures) in upserts {
+                (0..g.groups + g.reported).map(|_| Vec::with_capacity(n)).collect();
+            for (part, start, key, change, measures) in upserts {
+                parts.push(Param::Text(Some(part)));
                 starts.push(Param::Timestamp(start));
                 ends.push(Param::Timestamp(start.saturating_add(g.window_micros)));
                 group_keys.push(Param::Text(Some(key)));
@@ -1231,7 +1507,7 @@ fn gold_jobs<'a>(
                 }
             }
             let mut params: Vec<Box<dyn ToSql + Sync + Send + 'a>> =
-                vec![Box::new(starts), Box::new(ends), Box::new(group_keys)];
+                vec![Box::new(parts), Box::new(starts), Box::new(ends), Box::new(group_keys)];
             params.extend(outputs.into_iter().map(|o| Box::new(o) as _));
             jobs.push(Job { what: format!("upsert into `{}`", g.table), sql: &g.upsert, params });
         }
@@ -1271,7 +1547,8 @@ async fn recover(
     plan: &Plan,
     stream: &str,
     tables: &[TableId],
-) -> Result<Recovered, StoreError> {
+    group: Option<&GroupAssignment>,
+) -> Result<(Recovered, HashMap<String, i64>), StoreError> {
     // One snapshot: the checkpoint, rows and quarantine agree.
     let tx = client
         .build_transaction()
@@ -1280,29 +1557,62 @@ async fn recover(
         .start()
         .await
         .map_err(|e| pg_error(e, "begin recovery".to_owned()))?;
-    let saved = tx
-        .query_opt(CHECKPOINT_READ, &[&stream])
-        .await
-        .map_err(|e| pg_error(e, "select from `caudal_checkpoint`".to_owned()))?;
-    let (checkpoint, state) = match saved {
-        Some(row) => {
-            let read = || -> Result<(String, String), tokio_postgres::Error> {
-                Ok((row.try_get(0)?, row.try_get(1)?))
-            };
-            let (c, s) =
-                read().map_err(|e| pg_error(e, "select from `caudal_checkpoint`".to_owned()))?;
-            (Some(Checkpoint(c)), Some(s))
+    let mut versions = HashMap::new();
+    let (checkpoint, state) = match group {
+        None => {
+            let saved = tx
+                .query_opt(CHECKPOINT_READ, &[&stream])
+                .await
+                .map_err(|e| pg_error(e, "select from `caudal_checkpoint`".to_owned()))?;
+            match saved {
+                Some(row) => {
+                    let read = || -> Result<(String, String), tokio_postgres::Error> {
+                        Ok((row.try_get(0)?, row.try_get(1)?))
+                    };
+                    let (c, s) = read()
+                        .map_err(|e| pg_error(e, "select from `caudal_checkpoint`".to_owned()))?;
+                    (Some(Checkpoint(c)), Some(s))
+                }
+                None => (None, None),
+            }
         }
-        None => (None, None),
+        Some(a) => {
+            let rows = read_partition_rows(&tx, stream).await?;
+            let mut offsets = serde_json::Map::new();
+            let mut marks = serde_json::Map::new();
+            for (name, checkpoint, state, version) in rows {
+                if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(&checkpoint) {
+                    offsets.extend(o);
+                }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&state) {
+                    if let Some(serde_json::Value::Object(m)) = v.get("partitions") {
+                        marks.extend(m.clone());
+                    }
+                }
+                if a.partitions.contains(&name) {
+                    versions.insert(name, version);
+                }
+            }
+            let state = serde_json::json!({ "partitions": marks }).to_string();
+            (Some(Checkpoint(serde_json::Value::Object(offsets).to_string())), Some(state))
+        }
     };
     let mut rows: Vec<(TableId, Row)> = Vec::new();
+    let mut partitions: Vec<Option<Arc<str>>> = Vec::new();
+    let mut names: HashMap<String, Arc<str>> = HashMap::new();
     for &id in tables {
         let t = plan
             .silver
             .get(id)
             .ok_or_else(|| definite(format!("recovery of unknown table id {id}")))?;
         let context = || format!("select from `{}`", t.table);
-        let got = tx.query(&t.select, &[]).await.map_err(|e| pg_error(e, context()))?;
+        let got = match group {
+            Some(a) if a.fact_tables.contains(&id) => {
+                tx.query(&t.select_partitions, &[&a.partitions]).await
+            }
+            _ => tx.query(&t.select, &[]).await,
+        }
+        .map_err(|e| pg_error(e, context()))?;
         rows.reserve(got.len());
         for r in got {
             let mut values = Vec::with_capacity(t.types.len());
@@ -1310,12 +1620,67 @@ async fn recover(
                 let cell: Cell = r.try_get(i).map_err(|e| pg_error(e, context()))?;
                 values.push(typed(*ty, cell.0));
             }
+            let partition: Option<String> =
+                r.try_get(t.types.len()).map_err(|e| pg_error(e, context()))?;
+            partitions.push(
+                partition
+                    .map(|p| names.entry(p).or_insert_with_key(|p| Arc::from(p.as_str())).clone()),
+            );
             rows.push((id, values.into_boxed_slice()));
         }
     }
     let open_quarantine = read_open_quarantine(&tx).await?;
     tx.commit().await.map_err(|e| pg_error(e, "end recovery".to_owned()))?;
-    Ok(Recovered { checkpoint, state, rows, open_quarantine })
+    Ok((Recovered { checkpoint, state, rows, open_quarantine, partitions }, versions))
+}
+
+/// The partition rows of a group's checkpoint: (partition, checkpoint, state, version).
+async fn read_partition_rows(
+    client: &impl tokio_postgres::GenericClient,
+    stream: &str,
+) -> Result<Vec<(String, String, String, i64)>, StoreError> {
+    let prefix = partition_stream(stream, "");
+    let context = || "select from `caudal_checkpoint`".to_owned();
+    let rows = client
+        .query(PARTITION_CHECKPOINT_READ, &[&prefix])
+        .await
+        .map_err(|e| pg_error(e, context()))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let read = || -> Result<(String, String, String, i64), tokio_postgres::Error> {
+            Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))
+        };
+        let (name, checkpoint, state, version) = read().map_err(|e| pg_error(e, context()))?;
+        let name = name.strip_prefix(&prefix).unwrap_or(&name).to_owned();
+        out.push((name, checkpoint, state, version));
+    }
+    Ok(out)
+}
+
+/// The committed progress of every partition of a consumer group's stream in
+/// database `url`, by partition name.
+///
+/// # Errors
+/// When the database cannot be reached (`Unavailable`) or the table read.
+pub async fn group_progress(
+    url: &str,
+    stream: &str,
+) -> Result<HashMap<String, PartitionProgress>, StoreError> {
+    let client = connect(url).await?;
+    let mut out = HashMap::new();
+    for (name, checkpoint, state, _) in read_partition_rows(&client, stream).await? {
+        let offset = serde_json::from_str::<HashMap<String, i64>>(&checkpoint)
+            .ok()
+            .and_then(|m| m.get(&name).copied())
+            .unwrap_or(0);
+        let lookups = serde_json::from_str::<serde_json::Value>(&state)
+            .ok()
+            .and_then(|v| v.get("lookups").cloned())
+            .and_then(|l| serde_json::from_value(l).ok())
+            .unwrap_or_default();
+        out.insert(name, PartitionProgress { offset, lookups });
+    }
+    Ok(out)
 }
 
 async fn read_open_quarantine(tx: &Transaction<'_>) -> Result<Vec<QuarantineRecord>, StoreError> {
@@ -1384,6 +1749,30 @@ mod tests {
         // Gold text columns hold the display form.
         assert_eq!(round_trip(&Value::Int(5), Type::TEXT), Value::Str("5".into()));
         assert!(encode(&Value::Str("x".into()), &Type::INT8, &mut BytesMut::new()).is_err());
+    }
+
+    #[test]
+    fn a_group_commit_writes_one_checkpoint_row_per_assigned_partition() {
+        let commit = Commit {
+            checkpoint: Checkpoint(
+                r#"{"db.items/0":7,"db.items/1":9,"state:db.orders/0":4}"#.to_owned(),
+            ),
+            state: r#"{"partitions":{"db.items/0":{"file":"b.1","pos":3,"row":0}}}"#.to_owned(),
+            ..Commit::default()
+        };
+        let rows = partition_checkpoints("main", &commit, &["db.items/0".to_owned()])
+            .expect("a map of offsets");
+        assert_eq!(rows.len(), 1, "only the assigned partition: {rows:?}");
+        let (name, stream, checkpoint, state, offset) = &rows[0];
+        assert_eq!((name.as_str(), stream.as_str(), *offset), ("db.items/0", "main@db.items/0", 7));
+        assert_eq!(checkpoint, r#"{"db.items/0":7}"#);
+        let state: serde_json::Value = serde_json::from_str(state).expect("json");
+        assert_eq!(state["partitions"]["db.items/0"]["pos"], 3);
+        assert_eq!(state["lookups"]["db.orders/0"], 4);
+        let empty = Commit::default();
+        assert!(partition_checkpoints("main", &empty, &["db.items/0".to_owned()])
+            .expect("empty")
+            .is_empty());
     }
 
     #[test]

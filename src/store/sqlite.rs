@@ -1064,7 +1064,7 @@ fn recover(
             .map_err(|e| sql_error(e, format!("select from `{}`", t.table)))?;
     }
     let open_quarantine = read_open_quarantine(&tx)?;
-    Ok(Recovered { checkpoint, state, rows, open_quarantine })
+    Ok(Recovered { checkpoint, state, rows, open_quarantine, partitions: Vec::new() })
 }
 
 fn read_silver(
@@ -1170,6 +1170,7 @@ columns = { k = "string", n = "decimal", v = "string" }
                 extra: None,
                 position: Some("f:1".into()),
                 source_ts_ms: 1,
+                partition: None,
             }),
         }
     }
@@ -1340,6 +1341,7 @@ columns = { k = "string", n = "decimal", v = "string" }
             window_start: micros(start),
             group: group.into(),
             measures: measures.map(|m| m.into()),
+            partition: None,
         }
     }
 
@@ -1429,7 +1431,13 @@ columns = { k = "string", n = "decimal", v = "string" }
         // A malformed change fails the whole commit and leaves the previous one.
         let mut c = commit(4);
         c.gold_reset = true;
-        c.gold.push(GoldChange { gold: 0, window_start: 0, group: [].into(), measures: None });
+        c.gold.push(GoldChange {
+            gold: 0,
+            window_start: 0,
+            group: [].into(),
+            measures: None,
+            partition: None,
+        });
         assert!(matches!(s.write(Arc::new(c)).await, Err(StoreError::Definite { .. })));
         assert_eq!(read_gold(&path, &spec, 0).unwrap().len(), 1);
         assert!(read_gold(&path, &spec, 5).is_err());

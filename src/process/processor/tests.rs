@@ -339,3 +339,71 @@ fn a_commit_with_nothing_new_keeps_the_last_checkpoint() {
     let last = p.flush();
     assert_eq!((last.checkpoint, last.event_count), (at, 0));
 }
+
+/// Group mode: gold is kept per fact partition; a dimension read for lookups
+/// (`state:`) changes this worker's facts but writes no silver of its own, and a
+/// dimension of an assigned partition writes silver but changes no state.
+#[test]
+fn group_mode_keeps_gold_per_partition_and_splits_dimension_roles() {
+    let spec = spec();
+    let on = |line: String, part: &str| {
+        let mut e = change(&spec, &line);
+        if let Event::Change(c) = &mut e {
+            c.source.partition = Some(part.into());
+        }
+        e
+    };
+    let batch = |events: Vec<Event>| Batch {
+        events,
+        checkpoint: Checkpoint::default(),
+        bytes: None,
+        caught_up_ms: None,
+    };
+    let mut p = Processor::new(spec.clone(), true);
+    p.set_group_mode();
+    let orders = spec.catalog.id("orders").expect("orders");
+    p.process(batch(vec![
+        on(product(20), "state:erp_db.products/0"),
+        on(order("paid", 30), "state:erp_db.orders/0"),
+        on(item(1, 5, 2, 10, "c"), "erp_db.order_items/1"),
+        on(item(2, 5, 3, 11, "c"), "erp_db.order_items/2"),
+    ]));
+    let commit = p.flush();
+    let mut shares: Vec<(Option<String>, String)> = commit
+        .gold
+        .iter()
+        .filter_map(|g| {
+            let m = g.measures.as_ref()?;
+            Some((g.partition.as_deref().map(str::to_owned), m[2].to_string()))
+        })
+        .collect();
+    shares.sort();
+    assert_eq!(
+        shares,
+        vec![
+            (Some("erp_db.order_items/1".to_owned()), "20.00".to_owned()),
+            (Some("erp_db.order_items/2".to_owned()), "30.00".to_owned()),
+        ],
+        "one gold share per fact partition"
+    );
+    assert!(
+        commit.silver.iter().all(|s| s.table != orders),
+        "a dimension read for lookups writes no silver"
+    );
+    // The order's own partition, assigned to this worker: silver, no state change.
+    p.process(batch(vec![on(order("cancelled", 31), "erp_db.orders/0")]));
+    let commit = p.flush();
+    assert!(commit.silver.iter().any(|s| s.table == orders && s.row.is_some()));
+    assert!(commit.gold.is_empty(), "gold follows the lookup stream, not the assigned one");
+    // The same change through the lookup stream retracts both shares.
+    p.process(batch(vec![on(order("cancelled", 31), "state:erp_db.orders/0")]));
+    assert!(p.gold_rows(0).is_empty());
+    let commit = p.flush();
+    let deleted: Vec<_> = commit
+        .gold
+        .iter()
+        .filter(|g| g.measures.is_none())
+        .filter_map(|g| g.partition.as_deref())
+        .collect();
+    assert!(deleted.contains(&"erp_db.order_items/1") && deleted.contains(&"erp_db.order_items/2"));
+}

@@ -1,0 +1,292 @@
+//! `caudal process` as a consumer group of 1 or 2 workers: capture -> broker ->
+//! workers -> PostgreSQL, on a throwaway tansu (`scripts/tansu`) and PostgreSQL
+//! (`scripts/postgres`).
+//!
+//! Per worker count:
+//! 1. the workers start and join the group on empty topics (created by a capture
+//!    of nothing), so no partition starts mid-stream;
+//! 2. end to end: `caudal capture` of the ERP workload (`erpgen.py --events N
+//!    --seed 7`) starts the clock; it stops when PostgreSQL has every partition
+//!    committed to its end. events/s = events / that time. The export is then
+//!    compared with `reference.py`;
+//! 3. commit-to-visible: with the workers idle, probe orders are produced one at
+//!    a time (20/s); each one's latency runs from the broker's acknowledgement to
+//!    its silver row being visible in PostgreSQL (polled every millisecond).
+//!
+//! `cargo bench --bench workers -- [--events N] [--workers 1,2] [--storage memory|sqlite]
+//! [--probes N]`. The pipeline uses `trigger_interval = "10ms"` (the default 1 s
+//! trades latency for larger commits). Prints figures; asserts nothing about them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn manifest() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn workload_dir() -> PathBuf {
+    std::env::var_os("CAUDAL_WORKLOAD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest().join("../shared/workload"))
+}
+
+fn caudal() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_caudal"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("command runs");
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A throwaway server started by `scripts/<name> start DIR`, stopped when dropped.
+struct Service {
+    script: &'static str,
+    dir: tempfile::TempDir,
+    address: String,
+}
+
+impl Service {
+    fn start(script: &'static str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let address = ok(Command::new(manifest().join("scripts").join(script))
+            .arg("start")
+            .arg(dir.path())
+            .args(extra));
+        Self { script, dir, address }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = Command::new(manifest().join("scripts").join(self.script))
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+fn query(url: &str, sql: &str) -> Option<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+        tokio::spawn(conn);
+        let rows = client.simple_query(sql).await.ok()?;
+        rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+    })
+}
+
+/// The fact partitions of a worker's last generation, from its log.
+fn assigned(log: &Path) -> usize {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .rfind(|l| l.contains("worker generation starts"))
+        .map_or(0, |l| l.matches("erp_db.").count())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn main() {
+    let events: u64 = arg("--events", "100000").parse().expect("--events N");
+    let counts: Vec<usize> =
+        arg("--workers", "1,2").split(',').map(|n| n.parse().expect("--workers 1,2")).collect();
+    let storage = arg("--storage", "sqlite");
+    let probes: usize = arg("--probes", "200").parse().expect("--probes N");
+    let work = tempfile::tempdir().expect("tempdir");
+    let input = work.path().join("erp.jsonl");
+    let out = Command::new("python3")
+        .arg(workload_dir().join("erpgen.py"))
+        .args(["--events", &events.to_string(), "--seed", "7"])
+        .output()
+        .expect("erpgen.py");
+    std::fs::write(&input, &out.stdout).expect("write workload");
+    let want = work.path().join("want");
+    let status = Command::new("python3")
+        .arg(workload_dir().join("reference.py"))
+        .arg("--out")
+        .arg(&want)
+        .stdin(std::fs::File::open(&input).expect("input"))
+        .stderr(Stdio::null())
+        .status()
+        .expect("reference.py");
+    assert!(status.success());
+    let empty = work.path().join("empty.jsonl");
+    std::fs::write(&empty, "").expect("write empty");
+    let text = std::fs::read_to_string(manifest().join("config/examples/erp.toml")).expect("erp");
+    let pipeline = work.path().join("erp.toml");
+    std::fs::write(
+        &pipeline,
+        text.replace("trigger_interval = \"1s\"", "trigger_interval = \"10ms\""),
+    )
+    .expect("write pipeline");
+
+    println!("caudal process, {events} events, tansu {storage} storage, PostgreSQL, 2 cores");
+    for &n in &counts {
+        let broker = Service::start("tansu", &[&storage]);
+        let pg = Service::start("postgres", &[]);
+        let capture = |file: &Path| {
+            let out = caudal()
+                .arg("capture")
+                .arg(&pipeline)
+                .arg("--input")
+                .arg(file)
+                .arg("--brokers")
+                .arg(&broker.address)
+                .output()
+                .expect("capture");
+            assert!(out.status.success(), "capture: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        capture(&empty);
+        let logs: Vec<PathBuf> =
+            (0..n).map(|i| work.path().join(format!("w{n}-{i}.log"))).collect();
+        let mut workers: Vec<Child> = logs
+            .iter()
+            .map(|log| {
+                caudal()
+                    .arg("process")
+                    .arg(&pipeline)
+                    .arg("--brokers")
+                    .arg(&broker.address)
+                    .arg("--store")
+                    .arg(&pg.address)
+                    .arg("-q")
+                    .stderr(std::fs::File::create(log).expect("log"))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn worker")
+            })
+            .collect();
+        // Every worker has its share of the 28 partitions (7 topics x 4).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while logs.iter().map(|l| assigned(l)).sum::<usize>() < 28
+            || logs.iter().any(|l| assigned(l) == 0)
+        {
+            assert!(Instant::now() < deadline, "the workers did not share the partitions");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+
+        let started = Instant::now();
+        capture(&input);
+        let captured = started.elapsed();
+        // Done when the sum of committed offsets stopped moving (2 s): the clock
+        // stops at its last move.
+        let mut last = -1i64;
+        let mut stable_since = Instant::now();
+        let done_at = loop {
+            let sum: i64 = query(
+                &pg.address,
+                "SELECT COALESCE(SUM(event_count), 0) FROM caudal_checkpoint WHERE stream LIKE 'main@%'",
+            )
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+            if sum != last {
+                last = sum;
+                stable_since = Instant::now();
+            } else if sum > 0 && stable_since.elapsed() > Duration::from_secs(2) {
+                break stable_since;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let secs = done_at.duration_since(started).as_secs_f64();
+        let got = work.path().join(format!("got{n}"));
+        ok(caudal().arg("export").arg("--store").arg(&pg.address).arg("--out").arg(&got));
+        let same = ["gold_sales_10m.csv", "quarantine_summary.csv"]
+            .iter()
+            .all(|f| std::fs::read(want.join(f)).ok() == std::fs::read(got.join(f)).ok());
+        println!(
+            "{n} worker(s): {events} events end to end in {secs:.2}s ({:.0} events/s; capture alone {:.2}s); export equals reference.py: {same}",
+            events as f64 / secs,
+            captured.as_secs_f64()
+        );
+
+        // Commit-to-visible: one probe order at a time.
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &broker.address)
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "0")
+            .create()
+            .expect("producer");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let client = rt.block_on(async {
+            let (client, conn) =
+                tokio_postgres::connect(&pg.address, tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            client
+        });
+        let mut latencies = Vec::with_capacity(probes);
+        for i in 0..probes {
+            let id = 900_000_000 + i as i64;
+            let key = format!("{{\"id\":{id}}}");
+            let value = format!(
+                "{{\"before\":null,\"after\":{{\"id\":{id},\"customer_id\":1,\"employee_id\":1,\
+                 \"channel\":\"web\",\"status\":\"paid\",\"order_ts\":1767600000000,\"currency\":\"EUR\",\
+                 \"total\":\"1.00\",\"city\":\"x\"}},\"source\":{{\"file\":\"mysql-bin.999999\",\
+                 \"pos\":{},\"row\":0,\"table\":\"orders\",\"db\":\"erp_db\",\"snapshot\":\"false\",\
+                 \"ts_ms\":1767600000000}},\"op\":\"c\",\"ts_ms\":1767600000000}}",
+                1000 + i
+            );
+            let sent = rt.block_on(async {
+                producer
+                    .send(
+                        FutureRecord::to("erp_db.orders").key(&key).payload(&value),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map(|_| Instant::now())
+            });
+            let Ok(acked) = sent else { continue };
+            let limit = Instant::now() + Duration::from_secs(10);
+            loop {
+                let seen = rt.block_on(async {
+                    client
+                        .query_opt("SELECT 1 FROM silver_orders WHERE id = $1", &[&id])
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some()
+                });
+                if seen || Instant::now() > limit {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            latencies.push(acked.elapsed().as_secs_f64() * 1000.0);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        latencies.sort_by(f64::total_cmp);
+        println!(
+            "{n} worker(s): commit-to-visible over {} probes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latencies.len(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            latencies.last().copied().unwrap_or(f64::NAN)
+        );
+        for w in &mut workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
