@@ -738,8 +738,9 @@ pub async fn capture(
             Err(e) => return Err(e.into()),
         }
     };
-    if let Some(cp) = &resume {
-        info!(checkpoint = %cp.0, "capture resuming");
+    match &resume {
+        Some(cp) => info!(checkpoint = %cp.0, "capture resuming"),
+        None => info!("capture starting from the source's beginning"),
     }
 
     let source = build_source(&spec, threads);
