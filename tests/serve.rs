@@ -82,6 +82,8 @@ fn dashboard_api_metrics_and_health_follow_a_running_pipeline() {
         s["health"]["events_total"].as_i64() >= Some(20_000)
             && s["health"]["checkpoint"]["event_count"] == s["health"]["events_total"]
             && s["business"][0]["windows"].as_array().is_some_and(|w| !w.is_empty())
+            // The top lists are read apart, every 5 s while they are still empty.
+            && s["top"]["products"].as_array().is_some_and(|p| !p.is_empty())
     });
     let events = snap["health"]["events_total"].as_f64().expect("events");
 
