@@ -543,7 +543,9 @@ impl<'a> Parser<'a> {
             self.eat_all(&["IF", "NOT", "EXISTS"]);
             return Some(Ddl::Reload(vec![self.table_name()?]));
         }
-        None
+        // Not a table statement (GRANT, SET, a comment-led statement of another
+        // kind): no schema changes, and no reason to read today's schemas.
+        Some(Ddl::None)
     }
 
     /// The clauses of an `ALTER TABLE`; `Some(None)` when one is not understood.
@@ -1030,6 +1032,7 @@ mod tests {
             Ddl::Drop(vec![t(None, "a"), t(None, "b")])
         );
         assert_eq!(parse("TRUNCATE TABLE t"), Ddl::None);
+        assert_eq!(parse("/* tool */ GRANT SELECT ON shop.t TO u"), Ddl::None);
         assert_eq!(parse("CREATE INDEX ix ON t (a)"), Ddl::None);
         assert_eq!(
             parse("CREATE TABLE IF NOT EXISTS t (id INT PRIMARY KEY)"),
