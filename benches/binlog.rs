@@ -112,12 +112,16 @@ async fn main() {
     let mut rows = 0u64;
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
+    // The end is 3 s without a change: the source keeps sending heartbeat batches
+    // (no events) while idle, so silence on the channel never comes.
     while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
         let n = batch.events.iter().filter(|e| matches!(e, Event::Change(_))).count() as u64;
         if n > 0 {
             first.get_or_insert_with(Instant::now);
             rows += n;
             last = Instant::now();
+        } else if last.elapsed() >= Duration::from_secs(3) {
+            break;
         }
     }
     shutdown.cancel();
