@@ -395,16 +395,7 @@ fn simulator_through_kafka_equals_the_direct_run() {
 /// live in PostgreSQL's transaction, so the export still equals the reference.
 #[test]
 fn process_role_into_postgres_survives_sigkill_and_matches_the_reference() {
-    let input = erpgen(100_000, 11);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (want, got) = (dir.path().join("want"), dir.path().join("got"));
-    reference(&input, &want);
-    // The sqlite storage: tansu 0.6's memory storage answers a fetch at an offset
-    // inside a record batch from the next batch on, skipping messages, which only a
-    // restart at a mid-stream offset exposes (checked with confluent-kafka too).
-    let broker = Tansu::start_sqlite();
-    let pg = crate::support::postgres::Postgres::start();
-    capture(&input, broker.brokers());
+    let ToPostgres { dir: _dir, want, got, broker, pg } = to_postgres(11);
 
     let process = || {
         let mut cmd = caudal();
@@ -455,6 +446,31 @@ fn process_role_into_postgres_survives_sigkill_and_matches_the_reference() {
 
 /// `caudal process` into PostgreSQL, started as a worker of the consumer group
 /// `kafka.group`, with its log in `log`.
+/// A workload captured into a broker, its reference answer, and an empty
+/// PostgreSQL store: the start of every `process`-into-PostgreSQL test.
+struct ToPostgres {
+    dir: tempfile::TempDir,
+    want: std::path::PathBuf,
+    got: std::path::PathBuf,
+    broker: Tansu,
+    pg: crate::support::postgres::Postgres,
+}
+
+/// The 100k workload of `seed`, captured into a broker with tansu's sqlite storage:
+/// tansu 0.6's memory storage answers a fetch at an offset inside a record batch
+/// from the next batch on, skipping messages, which a worker restarting or taking
+/// over a partition mid-stream exposes (checked with confluent-kafka too).
+fn to_postgres(seed: u64) -> ToPostgres {
+    let input = erpgen(100_000, seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (want, got) = (dir.path().join("want"), dir.path().join("got"));
+    reference(&input, &want);
+    let broker = Tansu::start_sqlite();
+    let pg = crate::support::postgres::Postgres::start();
+    capture(&input, broker.brokers());
+    ToPostgres { dir, want, got, broker, pg }
+}
+
 fn spawn_worker(broker: &str, pg: &str, log: &Path) -> std::process::Child {
     caudal()
         .arg("process")
@@ -546,15 +562,7 @@ fn assert_no_duplicates(pg: &crate::support::postgres::Postgres) {
 /// equal the reference files.
 #[test]
 fn two_process_workers_share_the_partitions_and_match_the_reference() {
-    let input = erpgen(100_000, 7);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (want, got) = (dir.path().join("want"), dir.path().join("got"));
-    reference(&input, &want);
-    // The sqlite storage: a worker taking over a partition starts mid-stream, which
-    // tansu 0.6's memory storage gets wrong (see the SIGKILL test above).
-    let broker = Tansu::start_sqlite();
-    let pg = crate::support::postgres::Postgres::start();
-    capture(&input, broker.brokers());
+    let ToPostgres { dir, want, got, broker, pg } = to_postgres(7);
 
     let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
     let mut workers: Vec<_> =
@@ -584,13 +592,7 @@ fn two_process_workers_share_the_partitions_and_match_the_reference() {
 /// the tables still equal the reference, with nothing twice.
 #[test]
 fn a_process_worker_killed_with_sigkill_is_replaced_and_the_result_is_exact() {
-    let input = erpgen(100_000, 11);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (want, got) = (dir.path().join("want"), dir.path().join("got"));
-    reference(&input, &want);
-    let broker = Tansu::start_sqlite();
-    let pg = crate::support::postgres::Postgres::start();
-    capture(&input, broker.brokers());
+    let ToPostgres { dir, want, got, broker, pg } = to_postgres(11);
     let progress = || {
         pg.query_text(
             "SELECT COALESCE(SUM(event_count), 0) FROM caudal_checkpoint WHERE stream LIKE 'main@%'",
