@@ -290,22 +290,24 @@ measures = ["count() as n"]
 /// Events of two transport partitions interleave: positions are ordered within each,
 /// not across them, so one partition's lower positions are not duplicates of the
 /// other's; a re-delivery within a partition still is, also after a restart.
+/// A change of `line` as it came through the transport partition `part`.
+fn in_partition(spec: &PipelineSpec, line: &str, part: &str) -> Event {
+    let mut e = change(spec, line);
+    if let Event::Change(c) = &mut e {
+        c.source.partition = Some(part.into());
+    }
+    e
+}
+
+/// A batch of `events` without a checkpoint.
+fn batch(events: Vec<Event>) -> Batch {
+    Batch { events, checkpoint: Checkpoint::default(), bytes: None, caught_up_ms: None }
+}
+
 #[test]
 fn dedup_keeps_one_mark_per_transport_partition() {
     let spec = spec();
-    let on = |line: String, part: &str| {
-        let mut e = change(&spec, &line);
-        if let Event::Change(c) = &mut e {
-            c.source.partition = Some(part.into());
-        }
-        e
-    };
-    let batch = |events: Vec<Event>| Batch {
-        events,
-        checkpoint: Checkpoint::default(),
-        bytes: None,
-        caught_up_ms: None,
-    };
+    let on = |line: String, part: &str| in_partition(&spec, &line, part);
     let mut p = Processor::new(spec.clone(), true);
     p.process(batch(vec![
         on(product(20), "erp_db.products/0"),
@@ -346,19 +348,7 @@ fn a_commit_with_nothing_new_keeps_the_last_checkpoint() {
 #[test]
 fn group_mode_keeps_gold_per_partition_and_splits_dimension_roles() {
     let spec = spec();
-    let on = |line: String, part: &str| {
-        let mut e = change(&spec, &line);
-        if let Event::Change(c) = &mut e {
-            c.source.partition = Some(part.into());
-        }
-        e
-    };
-    let batch = |events: Vec<Event>| Batch {
-        events,
-        checkpoint: Checkpoint::default(),
-        bytes: None,
-        caught_up_ms: None,
-    };
+    let on = |line: String, part: &str| in_partition(&spec, &line, part);
     let mut p = Processor::new(spec.clone(), true);
     p.set_group_mode();
     let orders = spec.catalog.id("orders").expect("orders");
