@@ -358,21 +358,9 @@ notify = ["down", "hook"]
         hook = hook.addr,
         smtp = smtp.port,
     );
-    let input = dir.path().join("erp.jsonl");
-    std::fs::write(&input, b"").expect("input");
-    let file = pipeline(dir.path(), &input, &dir.path().join("erp.db"), &extra);
-    ok(caudal().arg("validate").arg(&file));
-    let port = free_port();
+    let (input, port, _run) = run_alerting(dir.path(), &extra);
     let at = addr(port);
     let log = dir.path().join("caudal.log");
-    let _run = spawn(
-        caudal()
-            .arg("run")
-            .arg(&file)
-            .args(["--quiet", "--listen", &port.to_string()])
-            .env("CAUDAL_TEST_SMTP_PASSWORD", "s3cret"),
-        &log,
-    );
     let rule = |s: &serde_json::Value, name: &str| {
         s["alerts"]["rules"].as_array().and_then(|r| r.iter().find(|x| x["alert"] == name).cloned())
     };
@@ -619,21 +607,29 @@ notify = ["mail"]
         port = smtp.port,
         ca = ca.display().to_string(),
     );
-    let input = dir.path().join("erp.jsonl");
-    std::fs::write(&input, b"").expect("input");
-    let file = pipeline(dir.path(), &input, &dir.path().join("erp.db"), &extra);
-    let port = free_port();
-    let _run = spawn(
-        caudal()
-            .arg("run")
-            .arg(&file)
-            .args(["--quiet", "--listen", &port.to_string()])
-            .env("CAUDAL_TEST_SMTP_PASSWORD", "s3cret"),
-        &dir.path().join("caudal.log"),
-    );
+    let (input, _port, _run) = run_alerting(dir.path(), &extra);
     append_fresh(&input, 0, 100);
     wait_until(Duration::from_secs(30), "a mail over STARTTLS", || !smtp.mails().is_empty());
     let mail = &smtp.mails()[0];
     assert!(mail.contains("Subject: [FIRING]"), "{mail}");
     assert!(mail.contains("X-Envelope-To: oncall@example.com,audit@example.com"), "{mail}");
+}
+
+/// `caudal run --listen` on an empty, growing input with the alert rules of
+/// `extra` (validated first); its log is `caudal.log` in `dir`.
+fn run_alerting(dir: &Path, extra: &str) -> (std::path::PathBuf, u16, Running) {
+    let input = dir.join("erp.jsonl");
+    std::fs::write(&input, b"").expect("input");
+    let file = pipeline(dir, &input, &dir.join("erp.db"), extra);
+    ok(caudal().arg("validate").arg(&file));
+    let port = free_port();
+    let run = spawn(
+        caudal()
+            .arg("run")
+            .arg(&file)
+            .args(["--quiet", "--listen", &port.to_string()])
+            .env("CAUDAL_TEST_SMTP_PASSWORD", "s3cret"),
+        &dir.join("caudal.log"),
+    );
+    (input, port, run)
 }
