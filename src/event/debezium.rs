@@ -121,19 +121,19 @@ impl Decoder {
         let env =
             parsed.envelope.ok_or_else(|| Failure::new(reason::MISSING_FIELD, "no envelope"))?;
         let src = env.source.ok_or_else(|| Failure::new(reason::MISSING_FIELD, "no `source`"))?;
-        let table_name = src.table.map(|t| t.to_owned()).or(parsed.topic_table.map(str::to_owned));
-        let Some(table_name) = table_name else {
+        // Borrowed from the line: an owned name is made only for a failure.
+        let Some(table_name) = src.table.or(parsed.topic_table) else {
             return Err(Failure::new(reason::MISSING_FIELD, "no `source.table` and no `topic`"));
         };
-        let Some(table) = self.catalog.id(&table_name) else {
+        let Some(table) = self.catalog.id(table_name) else {
             return Err(Failure {
                 reason: reason::UNKNOWN_TABLE,
                 detail: format!("table `{table_name}` is not declared in the pipeline"),
-                table: Some(table_name),
+                table: Some(table_name.to_owned()),
             });
         };
         let schema = self.catalog.table(table);
-        let with_table = |f: Failure| Failure { table: Some(table_name.clone()), ..f };
+        let with_table = |f: Failure| Failure { table: Some(table_name.to_owned()), ..f };
         let op = match env.op {
             Some(code) => Op::from_code(code).ok_or_else(|| {
                 with_table(Failure::new(reason::INVALID_OP, format!("unknown op `{code}`")))
