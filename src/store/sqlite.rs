@@ -1863,6 +1863,95 @@ columns = { id = "int", a = "string", b = "decimal" }
         assert!(err.to_string().contains("primary key"), "{err}");
     }
 
+    /// The values of `cols` per row of `silver_t`, each as `typeof:value`.
+    fn silver_t(path: &Path, cols: &[&str]) -> Vec<String> {
+        let conn = Connection::open(path).unwrap();
+        let sel: Vec<String> =
+            cols.iter().map(|c| format!("typeof({0}) || ':' || coalesce({0}, ''), ", ident(c))).collect();
+        let sql = format!("SELECT {} '' FROM silver_t ORDER BY id", sel.concat());
+        let mut stmt = conn.prepare(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let rows = stmt.query_map([], |r| {
+            (0..cols.len()).map(|i| r.get::<_, String>(i)).collect::<Result<Vec<_>, _>>()
+        });
+        rows.unwrap().map(|r| r.unwrap().join(" ")).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn undeclared_columns_become_columns_with_exact_values() {
+        let spec = spec(
+            r#"
+[source]
+type = "file"
+path = "x.jsonl"
+[tables.t]
+key = ["id"]
+columns = { id = "int", a = "string" }
+"#,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let row = |id: i64, extra: Option<&str>| {
+            let mut c = upsert(0, &[0], vec![Value::Int(id), text("x")]);
+            if let Some(r) = c.row.as_mut() {
+                r.extra = extra.map(Into::into);
+            }
+            c
+        };
+        let mut s = sink(&dir, &spec).await;
+        let mut c = commit(1);
+        c.silver.push(row(
+            1,
+            Some(
+                r#"{"n":7,"big":18446744073709551615,"f":0.1,"d":1.50,"s":"hé","b":true,"o":{"k":[1]},"z":null,"A":"clash","_x":1,"nul\u0000":2}"#,
+            ),
+        ));
+        c.silver.push(row(2, None));
+        s.write(Arc::new(c)).await.unwrap();
+        let cols = ["id", "n", "big", "f", "d", "s", "b", "o", "z", "_extra"];
+        assert_eq!(
+            silver_t(&path, &cols),
+            vec![
+                r#"integer:1 integer:7 text:18446744073709551615 real:0.1 text:1.50 text:hé integer:1 text:{"k":[1]} null: text:{"A":"clash","_x":1,"nul\u0000":2}"#,
+                "integer:2 null: null: null: null: null: null: null: null: null:",
+            ],
+            "kinds are kept, names that cannot be columns stay in `_extra`"
+        );
+
+        // A new version of a row without a key: its column is NULL (the row's image).
+        let mut c = commit(2);
+        c.silver.push(row(1, Some(r#"{"n":8}"#)));
+        s.write(Arc::new(c)).await.unwrap();
+        assert_eq!(silver_t(&path, &["id", "n", "big", "_extra"])[0], "integer:1 integer:8 null: null:");
+
+        // A failed commit rolls its ALTER back: the next one adds the column again.
+        let mut c = commit(3);
+        c.silver.push(row(3, Some(r#"{"q":1}"#)));
+        c.silver.push(upsert(0, &[0], vec![Value::Int(4)]));
+        assert!(s.write(Arc::new(c)).await.is_err());
+        let mut c = commit(3);
+        c.silver.push(row(3, Some(r#"{"q":1}"#)));
+        s.write(Arc::new(c)).await.unwrap();
+        drop(s);
+
+        // Reopened, the sink reads its learned columns back from the table.
+        let mut s = sink(&dir, &spec).await;
+        let mut c = commit(4);
+        c.silver.push(row(4, Some(r#"{"n":9,"q":2,"N":3,"new":"x"}"#)));
+        s.write(Arc::new(c)).await.unwrap();
+        assert_eq!(
+            silver_t(&path, &["id", "n", "q", "new", "_extra"]),
+            vec![
+                "integer:1 integer:8 null: null: null:",
+                "integer:2 null: null: null: null:",
+                "integer:3 null: integer:1 null: null:",
+                r#"integer:4 integer:9 integer:2 text:x text:{"N":3}"#,
+            ]
+        );
+        // Recovery reads the declared columns only, as before.
+        let got = s.recover(&[0]).await.unwrap();
+        assert_eq!(sorted(&got.rows, 0)[0], r#"[Int(1), Str("x")]"#);
+    }
+
     #[test]
     fn reserved_column_names_are_refused() {
         let s = spec(
