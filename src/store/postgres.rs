@@ -8,6 +8,15 @@
 //!   then `_flags`, `_extra`, `_position`, `_source_ts_ms`, `_updated_at`; the
 //!   primary key is the table's key. A column declared later is added with
 //!   `ALTER TABLE ADD COLUMN`; nothing is ever dropped.
+//!
+//!   Then the columns learned from `_extra` (rules in [`super::extra`]): the first
+//!   non-null value of a key types its column, BIGINT (an integer that fits), NUMERIC
+//!   (other numbers), TEXT, BOOLEAN or JSONB (arrays and objects), added with
+//!   `ALTER TABLE .. ADD COLUMN IF NOT EXISTS` in the commit's transaction, under the
+//!   schema lock so that workers of a group agree on it. A later value the type
+//!   cannot hold exactly stays in that row's `_extra` (the column is NULL there).
+//!   Values travel as text and the server casts them. The learned columns and their
+//!   types are read back from the tables on start and after a failed commit.
 //! - `gold_<name>` for every gold rule: `window_start`, `window_end`, `group_key`
 //!   (the group values as a JSON array, so that NULL groups still upsert), one column
 //!   per group and per measure, `<measure>_trend`, `updated_at`; the primary key is

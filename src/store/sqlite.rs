@@ -7,6 +7,14 @@
 //!   then `_flags`, `_extra`, `_position`, `_source_ts_ms`, `_updated_at`; the
 //!   primary key is the table's key. A column declared later is added with
 //!   `ALTER TABLE ADD COLUMN`; nothing is ever dropped.
+//!
+//!   Then the columns learned from `_extra`: a key of a row's undeclared columns
+//!   becomes a column (no declared type) in the commit that first carries it, and its
+//!   values leave `_extra`; a key that cannot be a column name stays there (rules in
+//!   [`super::extra`]). Values keep their kind: integers INTEGER, floats REAL when
+//!   they read back as the same text, anything else its exact text. A row without
+//!   the key has NULL there. The learned columns are read back from the tables on
+//!   start and after a failed commit, whose `ALTER TABLE` rolled back with it.
 //! - `gold_<name>` for every gold rule: `window_start`, `window_end` (ISO-8601 UTC),
 //!   `group_key` (the group values as a JSON array, so that NULL groups still upsert),
 //!   one column per group and per measure, `<measure>_trend` when the rule has a
