@@ -418,10 +418,8 @@ async fn undeclared_columns_become_typed_columns_and_misfits_stay_in_extra() {
         )
     };
     let rows = |cols: &str| {
-        let shown: Vec<String> = cols
-            .split(',')
-            .map(|c| format!("coalesce({c}::text, 'NULL')"))
-            .collect();
+        let shown: Vec<String> =
+            cols.split(',').map(|c| format!("coalesce({c}::text, 'NULL')")).collect();
         pg.query_text(&format!(
             "SELECT string_agg(concat_ws('|', {}), ' ; ' ORDER BY id) FROM silver_t",
             shown.join(", ")

@@ -334,7 +334,8 @@ impl Sink for PostgresSink {
         let mut learned = self.learned.take();
         let result = match self.conn().await {
             Ok(conn) => {
-                let state = State { group: group.as_ref(), versions: &mut versions, learned: &mut learned };
+                let state =
+                    State { group: group.as_ref(), versions: &mut versions, learned: &mut learned };
                 write(conn, &plan, &stream, &commit, state).await
             }
             Err(e) => Err(e),
@@ -555,8 +556,11 @@ impl SilverSql {
         key_names: &[String],
         learned: &[(String, ExtraType)],
     ) -> Self {
-        let all: Vec<&str> =
-            data.iter().map(|(n, _)| n.as_str()).chain(learned.iter().map(|(n, _)| n.as_str())).collect();
+        let all: Vec<&str> = data
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(learned.iter().map(|(n, _)| n.as_str()))
+            .collect();
         let names = all.iter().map(|n| ident(n)).collect::<Vec<_>>().join(", ");
         // Learned values travel as text and are cast by the server, which parses
         // numbers exactly; the casts are explicit since text has no assignment
@@ -1271,9 +1275,8 @@ impl Learned {
 
     fn rebuild(&mut self, t: &SilverTable) {
         let learned = self.columns.columns();
-        self.sql = (!learned.is_empty()).then(|| {
-            SilverSql::new(&ident(&t.table), &t.stage, &t.data, &t.key_names, learned)
-        });
+        self.sql = (!learned.is_empty())
+            .then(|| SilverSql::new(&ident(&t.table), &t.stage, &t.data, &t.key_names, learned));
     }
 }
 

@@ -827,7 +827,11 @@ impl Learned {
         let learned = self.columns.columns();
         self.upsert = (!learned.is_empty()).then(|| {
             let names = t.columns.iter().map(|(n, _)| n.as_str());
-            upsert_sql(&ident(&t.table), names.chain(learned.iter().map(|(n, _)| n.as_str())), &t.key)
+            upsert_sql(
+                &ident(&t.table),
+                names.chain(learned.iter().map(|(n, _)| n.as_str())),
+                &t.key,
+            )
         });
     }
 }
@@ -908,8 +912,12 @@ fn extra_value(_: &(), v: &Json<'_>) -> Option<SqlValue> {
     Some(match v {
         Json::Null => SqlValue::Null,
         Json::Bool(b) => SqlValue::Integer(i64::from(*b)),
-        Json::Integer(t) => extra::exact_i64(t).map_or_else(|| SqlValue::Text((*t).to_owned()), SqlValue::Integer),
-        Json::Number(t) => extra::exact_f64(t).map_or_else(|| SqlValue::Text((*t).to_owned()), SqlValue::Real),
+        Json::Integer(t) => {
+            extra::exact_i64(t).map_or_else(|| SqlValue::Text((*t).to_owned()), SqlValue::Integer)
+        }
+        Json::Number(t) => {
+            extra::exact_f64(t).map_or_else(|| SqlValue::Text((*t).to_owned()), SqlValue::Real)
+        }
         Json::Text(s) => SqlValue::Text(s.clone()),
         Json::Nested(raw) => SqlValue::Text((*raw).to_owned()),
     })
@@ -1874,8 +1882,10 @@ columns = { id = "int", a = "string", b = "decimal" }
     /// The values of `cols` per row of `silver_t`, each as `typeof:value`.
     fn silver_t(path: &Path, cols: &[&str]) -> Vec<String> {
         let conn = Connection::open(path).unwrap();
-        let sel: Vec<String> =
-            cols.iter().map(|c| format!("typeof({0}) || ':' || coalesce({0}, ''), ", ident(c))).collect();
+        let sel: Vec<String> = cols
+            .iter()
+            .map(|c| format!("typeof({0}) || ':' || coalesce({0}, ''), ", ident(c)))
+            .collect();
         let sql = format!("SELECT {} '' FROM silver_t ORDER BY id", sel.concat());
         let mut stmt = conn.prepare(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
         let rows = stmt.query_map([], |r| {
@@ -1929,7 +1939,10 @@ columns = { id = "int", a = "string" }
         let mut c = commit(2);
         c.silver.push(row(1, Some(r#"{"n":8}"#)));
         s.write(Arc::new(c)).await.unwrap();
-        assert_eq!(silver_t(&path, &["id", "n", "big", "_extra"])[0], "integer:1 integer:8 null: null:");
+        assert_eq!(
+            silver_t(&path, &["id", "n", "big", "_extra"])[0],
+            "integer:1 integer:8 null: null:"
+        );
 
         // A failed commit rolls its ALTER back: the next one adds the column again.
         let mut c = commit(3);
