@@ -12,6 +12,7 @@
 //! its exact text, and integers are told apart from the other numbers, so that
 //! `18446744073709551615` or `1.50` are stored as written.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use serde_json::value::RawValue;
@@ -215,11 +216,11 @@ impl<T> ExtraColumns<T> {
 
 /// One row's undeclared values split between the learned columns and `_extra`.
 #[derive(Debug, Default)]
-pub(crate) struct Split<V> {
+pub(crate) struct Split<'a, V> {
     /// One value per learned column, in column order; `None` is NULL.
     pub values: Vec<Option<V>>,
-    /// What stays in `_extra`.
-    pub rest: Option<String>,
+    /// What stays in `_extra` (borrowed when that is all of it).
+    pub rest: Option<Cow<'a, str>>,
 }
 
 /// Splits `extra` over the learned columns of `table`. `fit` gives the value a
@@ -231,14 +232,17 @@ pub(crate) fn split<'a, T, V>(
     extra: Option<&'a str>,
     table: &ExtraColumns<T>,
     mut fit: impl FnMut(&T, &Json<'a>) -> Option<V>,
-) -> Split<V> {
+) -> Split<'a, V> {
     let mut values: Vec<Option<V>> = table.columns.iter().map(|_| None).collect();
     let Some(text) = extra else {
         return Split { values, rest: None };
     };
-    let entries = match parse(text) {
-        Some(e) if !table.columns.is_empty() => e,
-        _ => return Split { values, rest: Some(text.to_owned()) },
+    let whole = Split { values: Vec::new(), rest: Some(Cow::Borrowed(text)) };
+    if table.columns.is_empty() {
+        return whole;
+    }
+    let Some(entries) = parse(text) else {
+        return Split { values, ..whole };
     };
     let mut promoted = vec![false; entries.len()];
     for (i, e) in entries.iter().enumerate() {
@@ -253,9 +257,9 @@ pub(crate) fn split<'a, T, V>(
         }
     }
     let rest = if promoted.iter().any(|p| *p) {
-        self::rest(&entries, |i| !promoted[i])
+        self::rest(&entries, |i| !promoted[i]).map(Cow::Owned)
     } else {
-        Some(text.to_owned())
+        Some(Cow::Borrowed(text))
     };
     Split { values, rest }
 }

@@ -1425,14 +1425,14 @@ async fn write(
     let learned: &[Learned] = learned.as_deref().unwrap_or_default();
     // Each row's undeclared values, split between learned columns and `_extra`;
     // built here and borrowed by the parameters.
-    let splits: Vec<Split<String>> = commit
+    let splits: Vec<Split<'_, String>> = commit
         .silver
         .iter()
         .map(|c| {
             let extra = c.row.as_ref().and_then(|r| r.extra.as_deref());
             match learned.get(c.table) {
                 Some(l) => extra::split(extra, &l.columns, ExtraType::fit),
-                None => Split { values: Vec::new(), rest: extra.map(str::to_owned) },
+                None => Split { values: Vec::new(), rest: extra.map(std::borrow::Cow::Borrowed) },
             }
         })
         .collect();
@@ -1619,7 +1619,7 @@ async fn prepare(
 
 /// Upserts of one table loaded by COPY: the table, its statements, and the rows
 /// with their undeclared values.
-type CopyLoad<'a> = (&'a SilverTable, &'a SilverSql, Vec<(&'a SilverRow, &'a Split<String>)>);
+type CopyLoad<'a> = (&'a SilverTable, &'a SilverSql, Vec<(&'a SilverRow, &'a Split<'a, String>)>);
 
 /// Per table: the commit's deletes as one statement, its upserts as one statement
 /// (or a COPY when there are many), each sorted by key.
@@ -1627,11 +1627,11 @@ fn silver_jobs<'a>(
     plan: &'a Plan,
     learned: &'a [Learned],
     commit: &'a Commit,
-    splits: &'a [Split<String>],
+    splits: &'a [Split<'a, String>],
     jobs: &mut Vec<Job<'a>>,
     copies: &mut Vec<CopyLoad<'a>>,
 ) -> Result<(), StoreError> {
-    type Upsert<'r> = (&'r Key, &'r SilverRow, &'r Split<String>);
+    type Upsert<'r> = (&'r Key, &'r SilverRow, &'r Split<'r, String>);
     let mut upserts: Vec<Vec<Upsert<'a>>> = plan.silver.iter().map(|_| Vec::new()).collect();
     let mut deletes: Vec<Vec<&Key>> = plan.silver.iter().map(|_| Vec::new()).collect();
     for (change, split) in commit.silver.iter().zip(splits) {
@@ -1687,7 +1687,7 @@ fn silver_jobs<'a>(
             continue;
         }
         rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let rows: Vec<(&SilverRow, &Split<String>)> =
+        let rows: Vec<(&SilverRow, &Split<'a, String>)> =
             rows.into_iter().map(|(_, r, s)| (r, s)).collect();
         let sql = learned.get(id).map_or(&t.sql, |l| l.sql(t));
         if rows.len() >= COPY_MIN_ROWS {
@@ -1714,7 +1714,7 @@ fn silver_jobs<'a>(
 /// the learned columns (as text; the statement casts them).
 fn silver_params<'a>(
     row: &'a SilverRow,
-    split: &'a Split<String>,
+    split: &'a Split<'a, String>,
 ) -> impl Iterator<Item = Param<'a>> {
     row.values
         .iter()
@@ -1736,7 +1736,7 @@ async fn copy_silver(
     cache: &mut HashMap<String, Statement>,
     t: &SilverTable,
     sql: &SilverSql,
-    rows: &[(&SilverRow, &Split<String>)],
+    rows: &[(&SilverRow, &Split<'_, String>)],
 ) -> Result<(), StoreError> {
     let what = || format!("copy into `{}`", t.table);
     tx.batch_execute(&t.stage_create).await.map_err(|e| pg_error(e, what()))?;

@@ -1044,7 +1044,7 @@ fn write_silver(
 fn bind_silver_row(
     stmt: &mut CachedStatement<'_>,
     row: &SilverRow,
-    split: &extra::Split<SqlValue>,
+    split: &extra::Split<'_, SqlValue>,
     now: &str,
 ) -> rusqlite::Result<()> {
     for (i, v) in row.values.iter().enumerate() {
