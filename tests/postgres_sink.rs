@@ -391,3 +391,122 @@ async fn large_commits_go_through_copy_and_match_small_ones() {
     want.sort();
     assert_eq!(sorted(&got.rows, items), want);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undeclared_columns_become_typed_columns_and_misfits_stay_in_extra() {
+    let pg = Postgres::start();
+    let spec = Arc::new(
+        caudal::config::parse(
+            Path::new("t.toml"),
+            "[source]\ntype = \"file\"\npath = \"x.jsonl\"\n\
+             [tables.t]\nkey = [\"id\"]\ncolumns = { id = \"int\", a = \"string\" }\n",
+        )
+        .expect("spec"),
+    );
+    let row = |id: i64, extra: Option<&str>| {
+        let mut c = upsert(0, &[0], vec![Value::Int(id), text("x")]);
+        if let Some(r) = c.row.as_mut() {
+            r.extra = extra.map(Into::into);
+        }
+        c
+    };
+    let learned_types = || {
+        pg.query_text(
+            "SELECT string_agg(column_name || ':' || data_type, ',' ORDER BY ordinal_position) \
+             FROM information_schema.columns WHERE table_name = 'silver_t' \
+             AND column_name NOT IN ('id', 'a') AND column_name NOT LIKE '\\_%'",
+        )
+    };
+    let rows = |cols: &str| {
+        let shown: Vec<String> =
+            cols.split(',').map(|c| format!("coalesce({c}::text, 'NULL')")).collect();
+        pg.query_text(&format!(
+            "SELECT string_agg(concat_ws('|', {}), ' ; ' ORDER BY id) FROM silver_t",
+            shown.join(", ")
+        ))
+        .unwrap_or_default()
+    };
+
+    let mut s = PostgresSink::new(pg.url(), spec.clone(), "main").expect("sink");
+    s.healthcheck().await.expect("healthcheck");
+    let mut c = commit(1);
+    c.silver.push(row(
+        1,
+        Some(
+            r#"{"n":7,"big":18446744073709551615,"d":1.50,"s":"hé","b":true,"o":{"k":[1]},"z":null,"A":"clash","_x":1}"#,
+        ),
+    ));
+    c.silver.push(row(2, None));
+    s.write(Arc::new(c)).await.expect("write 1");
+    // Each column typed by its first value; a key seen only as null waits in `_extra`.
+    assert_eq!(
+        learned_types().as_deref(),
+        Some("n:bigint,big:numeric,d:numeric,s:text,b:boolean,o:jsonb")
+    );
+    assert_eq!(
+        rows("id,n,big,d,s,b,o,_extra"),
+        r#"1|7|18446744073709551615|1.50|hé|true|{"k": [1]}|{"z":null,"A":"clash","_x":1} ; 2|NULL|NULL|NULL|NULL|NULL|NULL|NULL"#
+    );
+
+    // Values their column cannot hold exactly stay in `_extra`, for that row only;
+    // a key absent from a newer version of a row makes its column NULL.
+    let mut c = commit(2);
+    c.silver.push(row(1, Some(r#"{"n":8}"#)));
+    c.silver.push(row(
+        3,
+        Some(r#"{"n":1.5,"big":1e5000,"d":2,"s":"nul\u0000","b":"yes","o":[1],"z":5}"#),
+    ));
+    c.silver.push(row(4, Some(r#"{"n":99999999999999999999,"s":"ok","d":"1.0"}"#)));
+    s.write(Arc::new(c)).await.expect("write 2");
+    assert_eq!(
+        learned_types().as_deref(),
+        Some("n:bigint,big:numeric,d:numeric,s:text,b:boolean,o:jsonb,z:bigint")
+    );
+    assert_eq!(
+        rows("id,n,big,d,s,b,o,z,_extra"),
+        [
+            "1|8|NULL|NULL|NULL|NULL|NULL|NULL|NULL",
+            "2|NULL|NULL|NULL|NULL|NULL|NULL|NULL|NULL",
+            r#"3|NULL|NULL|2|NULL|NULL|[1]|5|{"n":1.5,"big":1e5000,"s":"nul\u0000","b":"yes"}"#,
+            r#"4|NULL|NULL|NULL|ok|NULL|NULL|NULL|{"n":99999999999999999999,"d":"1.0"}"#,
+        ]
+        .join(" ; ")
+    );
+
+    // A failed commit rolls its ALTER back; the sink forgets the column too.
+    let mut c = commit(3);
+    c.silver.push(row(5, Some(r#"{"q":1}"#)));
+    c.silver.push(upsert(0, &[0], vec![Value::Int(6)]));
+    assert!(s.write(Arc::new(c)).await.is_err(), "a row of the wrong width fails");
+    assert_eq!(pg.query_text("SELECT count(*) FROM silver_t").as_deref(), Some("4"));
+    let mut c = commit(3);
+    c.silver.push(row(5, Some(r#"{"q":1}"#)));
+    s.write(Arc::new(c)).await.expect("write 3");
+    drop(s);
+
+    // A restarted sink reads the learned columns and their types back.
+    let mut s = PostgresSink::new(pg.url(), spec.clone(), "main").expect("sink");
+    s.healthcheck().await.expect("healthcheck");
+    let mut c = commit(4);
+    c.silver.push(row(6, Some(r#"{"n":"six","q":6,"z":6}"#)));
+    s.write(Arc::new(c)).await.expect("write 4");
+    assert_eq!(rows("id,n,q,z,_extra").rsplit(" ; ").next(), Some(r#"6|NULL|6|6|{"n":"six"}"#));
+
+    // The COPY path carries the learned columns (and learns new ones) too.
+    let mut c = commit(5);
+    c.silver = (1_000..6_000)
+        .map(|id| row(id, Some(&format!(r#"{{"n":{id},"w":"w{id}","o":{{"id":{id}}}}}"#))))
+        .collect();
+    s.write(Arc::new(c)).await.expect("write 5 (copy)");
+    assert_eq!(
+        pg.query_text(
+            "SELECT count(w) || '|' || sum(n) || '|' || count(*) FILTER (WHERE (o->>'id')::bigint = id) \
+             || '|' || count(_extra) FROM silver_t WHERE id >= 1000"
+        )
+        .as_deref(),
+        Some("5000|17497500|5000|0")
+    );
+    let got = s.recover(&[0]).await.expect("recover");
+    assert_eq!(got.rows.len(), 5_006);
+    assert!(got.rows.iter().all(|(_, r)| r.len() == 2), "recovery reads declared columns");
+}

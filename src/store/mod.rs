@@ -7,6 +7,7 @@
 //! current rows the processing state is rebuilt from.
 
 pub mod export;
+pub(crate) mod extra;
 pub mod postgres;
 pub mod sqlite;
 

@@ -8,6 +8,15 @@
 //!   then `_flags`, `_extra`, `_position`, `_source_ts_ms`, `_updated_at`; the
 //!   primary key is the table's key. A column declared later is added with
 //!   `ALTER TABLE ADD COLUMN`; nothing is ever dropped.
+//!
+//!   Then the columns learned from `_extra` (rules in [`super::extra`]): the first
+//!   non-null value of a key types its column, BIGINT (an integer that fits), NUMERIC
+//!   (other numbers), TEXT, BOOLEAN or JSONB (arrays and objects), added with
+//!   `ALTER TABLE .. ADD COLUMN IF NOT EXISTS` in the commit's transaction, under the
+//!   schema lock so that workers of a group agree on it. A later value the type
+//!   cannot hold exactly stays in that row's `_extra` (the column is NULL there).
+//!   Values travel as text and the server casts them. The learned columns and their
+//!   types are read back from the tables on start and after a failed commit.
 //! - `gold_<name>` for every gold rule: `window_start`, `window_end`, `group_key`
 //!   (the group values as a JSON array, so that NULL groups still upsert), one column
 //!   per group and per measure, `<measure>_trend`, `updated_at`; the primary key is
@@ -64,6 +73,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use tokio_postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
 
+use super::extra::{self, ExtraColumns, Json, Split};
 use super::sqlite::group_key;
 use super::{ident, Ack, Recovered, Sink, StoreError};
 use crate::config::spec::{Agg, GoldSpec};
@@ -93,6 +103,9 @@ const SILVER_META: [(&str, ColumnType); 5] = [
     ("_source_ts_ms", ColumnType::Int),
     ("_partition", ColumnType::String),
 ];
+/// PostgreSQL's limit on the columns of a table (dropped ones count too): learned
+/// columns stop there, later keys stay in `_extra`.
+const MAX_COLUMNS: usize = 1600;
 const GOLD_RESERVED: [&str; 5] =
     ["window_start", "window_end", "group_key", "updated_at", "_partition"];
 /// The transaction's start time in UTC, for the `*_at` columns.
@@ -206,6 +219,10 @@ pub struct PostgresSink {
     /// Group mode: the `version` of each assigned partition's checkpoint row as this
     /// worker last read or wrote it.
     versions: HashMap<String, i64>,
+    /// Per silver table, the columns learned from `_extra`; `None` until read from
+    /// the tables, and again after a failed commit (its `ALTER TABLE` was rolled
+    /// back with it, so memory must not keep the column).
+    learned: Option<Vec<Learned>>,
 }
 
 /// What a worker of a consumer group is assigned (see [`PostgresSink::set_group`]).
@@ -253,6 +270,7 @@ impl PostgresSink {
             conn: None,
             group: None,
             versions: HashMap::new(),
+            learned: None,
         })
     }
 
@@ -291,6 +309,8 @@ impl Sink for PostgresSink {
 
     async fn healthcheck(&mut self) -> Result<(), StoreError> {
         let plan = Arc::clone(&self.plan);
+        // The tables may have changed under this sink: read them again.
+        self.learned = None;
         let conn = self.conn().await?;
         create_schema(&mut conn.client, &plan).await
     }
@@ -311,11 +331,19 @@ impl Sink for PostgresSink {
         let stream = self.stream.clone();
         let group = self.group.clone();
         let mut versions = std::mem::take(&mut self.versions);
+        let mut learned = self.learned.take();
         let result = match self.conn().await {
-            Ok(conn) => write(conn, &plan, &stream, &commit, group.as_ref(), &mut versions).await,
+            Ok(conn) => {
+                let state =
+                    State { group: group.as_ref(), versions: &mut versions, learned: &mut learned };
+                write(conn, &plan, &stream, &commit, state).await
+            }
             Err(e) => Err(e),
         };
         self.versions = versions;
+        // After a failure the tables are read again: a rolled-back commit may have
+        // added columns that do not exist.
+        self.learned = if result.is_ok() { learned } else { None };
         result
     }
 }
@@ -421,16 +449,15 @@ struct SilverTable {
     columns: Vec<(String, &'static str)>,
     key_names: Vec<String>,
     create: String,
-    /// Upsert of rows given as one array per data column.
-    upsert: String,
     /// Delete of keys given as one array per key column.
     delete: String,
-    /// The temporary table COPY loads, its COPY and its upsert.
+    /// The temporary table COPY loads.
+    stage: String,
     stage_create: String,
-    stage_copy: String,
-    stage_upsert: String,
-    /// Wire types of the data columns (declared then bookkeeping), for COPY.
-    wire: Vec<Type>,
+    /// Data columns: declared then bookkeeping, in binding order.
+    data: Vec<(String, ColumnType)>,
+    /// The upserts without learned columns.
+    sql: SilverSql,
     /// The declared columns and `_partition`: every row, or those of some partitions.
     select: String,
     select_partitions: String,
@@ -461,24 +488,6 @@ impl SilverTable {
         let quoted = ident(&table);
         let key_list = key_names.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ");
         let create = create_sql(&quoted, &columns, &key_list);
-        let names = data.iter().map(|(n, _)| ident(n)).collect::<Vec<_>>().join(", ");
-        let arrays = data
-            .iter()
-            .enumerate()
-            .map(|(i, (_, t))| format!("${}::{}[]", i + 1, array_type(*t)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let updates = columns
-            .iter()
-            .filter(|(n, _)| !key_names.contains(n))
-            .map(|(n, _)| format!("{0} = excluded.{0}", ident(n)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let conflict = format!("ON CONFLICT ({key_list}) DO UPDATE SET {updates}");
-        let upsert = format!(
-            "INSERT INTO {quoted} ({names}, \"_updated_at\") \
-             SELECT *, {NOW} FROM unnest({arrays}) {conflict}"
-        );
         let key_types: Vec<ColumnType> = schema.key.iter().map(|&k| schema.columns[k].ty).collect();
         let key_arrays = key_types
             .iter()
@@ -502,11 +511,7 @@ impl SilverTable {
             .join(", ");
         let stage_create =
             format!("CREATE TEMP TABLE IF NOT EXISTS {stage} ({stage_defs}) ON COMMIT DELETE ROWS");
-        let stage_copy = format!("COPY {stage} ({names}) FROM STDIN (FORMAT binary)");
-        let stage_upsert = format!(
-            "INSERT INTO {quoted} ({names}, \"_updated_at\") \
-             SELECT {names}, {NOW} FROM {stage} {conflict}"
-        );
+        let sql = SilverSql::new(&quoted, &stage, &data, &key_names, &[]);
         let declared = schema.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>();
         let select = format!("SELECT {}, \"_partition\" FROM {quoted}", declared.join(", "));
         let select_partitions = format!("{select} WHERE \"_partition\" = ANY($1::text[])");
@@ -515,17 +520,100 @@ impl SilverTable {
             table,
             types: schema.columns.iter().map(|c| c.ty).collect(),
             key: schema.key.clone(),
-            wire: data.iter().map(|(_, t)| wire_type(*t)).collect(),
             columns,
             key_names,
             create,
-            upsert,
             delete,
+            stage,
             stage_create,
-            stage_copy,
-            stage_upsert,
+            data,
+            sql,
             select,
         })
+    }
+}
+
+/// The statements that name every data column of a silver table, learned ones
+/// included, so they change when a column is learned.
+struct SilverSql {
+    /// Upsert of rows given as one array per data column.
+    upsert: String,
+    /// Adds the learned columns to the COPY staging table (as text, cast by the
+    /// upsert); `None` without learned columns.
+    stage_extend: Option<String>,
+    /// The COPY into the staging table and the upsert from it.
+    stage_copy: String,
+    stage_upsert: String,
+    /// Wire types of the data columns, for COPY.
+    wire: Vec<Type>,
+}
+
+impl SilverSql {
+    fn new(
+        quoted: &str,
+        stage: &str,
+        data: &[(String, ColumnType)],
+        key_names: &[String],
+        learned: &[(String, ExtraType)],
+    ) -> Self {
+        let all: Vec<&str> = data
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(learned.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        let names = all.iter().map(|n| ident(n)).collect::<Vec<_>>().join(", ");
+        // Learned values travel as text and are cast by the server, which parses
+        // numbers exactly; the casts are explicit since text has no assignment
+        // cast to the other types.
+        let arrays = data
+            .iter()
+            .map(|(_, t)| array_type(*t).to_owned())
+            .chain(learned.iter().map(|(_, t)| format!("text[]::{}", t.sql())))
+            .enumerate()
+            .map(|(i, t)| format!("${}::{t}[]", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key_list = key_names.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ");
+        // Every column is set from the row, learned ones too: a key the row does not
+        // carry makes its column NULL, as a missing declared column does.
+        let updates = all
+            .iter()
+            .copied()
+            .chain(["_updated_at"])
+            .filter(|n| !key_names.iter().any(|k| k == n))
+            .map(|n| format!("{0} = excluded.{0}", ident(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let conflict = format!("ON CONFLICT ({key_list}) DO UPDATE SET {updates}");
+        let upsert = format!(
+            "INSERT INTO {quoted} ({names}, \"_updated_at\") \
+             SELECT *, {NOW} FROM unnest({arrays}) {conflict}"
+        );
+        let stage_extend = (!learned.is_empty()).then(|| {
+            let adds = learned
+                .iter()
+                .map(|(n, _)| format!("ADD COLUMN IF NOT EXISTS {} TEXT", ident(n)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("ALTER TABLE {stage} {adds}")
+        });
+        let stage_copy = format!("COPY {stage} ({names}) FROM STDIN (FORMAT binary)");
+        let selected = data
+            .iter()
+            .map(|(n, _)| ident(n))
+            .chain(learned.iter().map(|(n, t)| format!("{}::{}", ident(n), t.sql())))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stage_upsert = format!(
+            "INSERT INTO {quoted} ({names}, \"_updated_at\") \
+             SELECT {selected}, {NOW} FROM {stage} {conflict}"
+        );
+        let wire = data
+            .iter()
+            .map(|(_, t)| wire_type(*t))
+            .chain(learned.iter().map(|_| Type::TEXT))
+            .collect();
+        Self { upsert, stage_extend, stage_copy, stage_upsert, wire }
     }
 }
 
@@ -1106,7 +1194,214 @@ async fn ensure_table(
     Ok(())
 }
 
+// ---- learned columns ----------------------------------------------------------
+
+/// The type of a column learned from `_extra`, chosen by the first non-null value
+/// of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExtraType {
+    BigInt,
+    Numeric,
+    Text,
+    Boolean,
+    Jsonb,
+}
+
+impl ExtraType {
+    fn sql(self) -> &'static str {
+        match self {
+            ExtraType::BigInt => "bigint",
+            ExtraType::Numeric => "numeric",
+            ExtraType::Text => "text",
+            ExtraType::Boolean => "boolean",
+            ExtraType::Jsonb => "jsonb",
+        }
+    }
+
+    /// The type of an existing column, as `format_type` names it; `None` for types
+    /// this sink does not give learned columns (`numeric(20,0)` included: it would
+    /// round).
+    fn from_format(name: &str) -> Option<Self> {
+        [Self::BigInt, Self::Numeric, Self::Text, Self::Boolean, Self::Jsonb]
+            .into_iter()
+            .find(|t| t.sql() == name)
+    }
+
+    /// The type a first value asks for: integers that fit BIGINT, other numbers
+    /// NUMERIC (exact), strings TEXT, booleans BOOLEAN, arrays and objects JSONB.
+    fn of(v: &Json<'_>) -> Option<Self> {
+        Some(match v {
+            Json::Null => return None,
+            Json::Bool(_) => ExtraType::Boolean,
+            Json::Integer(t) if extra::exact_i64(t).is_some() => ExtraType::BigInt,
+            Json::Integer(_) | Json::Number(_) => ExtraType::Numeric,
+            Json::Text(_) => ExtraType::Text,
+            Json::Nested(_) => ExtraType::Jsonb,
+        })
+    }
+
+    /// The text the server casts to this type for `v`, or `None` when the column
+    /// cannot hold `v` exactly (the value then stays in `_extra`): a string in a
+    /// BIGINT column, `1.5` in a BIGINT column, a string with NUL (TEXT cannot hold
+    /// it), `\u0000` in JSONB (which refuses it), a number beyond NUMERIC's range.
+    fn fit(&self, v: &Json<'_>) -> Option<String> {
+        match (self, v) {
+            (ExtraType::BigInt, Json::Integer(t)) => extra::exact_i64(t).map(|i| i.to_string()),
+            (ExtraType::Numeric, Json::Integer(t) | Json::Number(t)) => {
+                extra::fits_numeric(t).then(|| (*t).to_owned())
+            }
+            (ExtraType::Text, Json::Text(s)) if !s.contains('\0') => Some(s.clone()),
+            (ExtraType::Boolean, Json::Bool(b)) => Some(b.to_string()),
+            (ExtraType::Jsonb, Json::Nested(raw)) if !raw.contains("\\u0000") => {
+                Some((*raw).to_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The columns one silver table learned from `_extra`, and its statements.
+struct Learned {
+    columns: ExtraColumns<ExtraType>,
+    /// The statements naming the learned columns; `None` while there are none (the
+    /// plan's are the same).
+    sql: Option<SilverSql>,
+}
+
+impl Learned {
+    fn sql<'a>(&'a self, t: &'a SilverTable) -> &'a SilverSql {
+        self.sql.as_ref().unwrap_or(&t.sql)
+    }
+
+    fn rebuild(&mut self, t: &SilverTable) {
+        let learned = self.columns.columns();
+        self.sql = (!learned.is_empty())
+            .then(|| SilverSql::new(&ident(&t.table), &t.stage, &t.data, &t.key_names, learned));
+    }
+}
+
+/// Reads the learned columns of every silver table: the columns neither declared
+/// nor bookkeeping whose type is one this sink gives learned columns. Any other
+/// column only reserves its name (dropped ones too: they count against the limit).
+async fn read_learned(tx: &Transaction<'_>, plan: &Plan) -> Result<Vec<Learned>, StoreError> {
+    let names: Vec<&str> = plan.silver.iter().map(|t| t.table.as_str()).collect();
+    let context = || "read the columns of the silver tables".to_owned();
+    let rows = tx
+        .query(
+            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
+             a.attisdropped FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+             WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) \
+             AND c.relname = ANY($1::text[]) AND a.attnum > 0 ORDER BY c.relname, a.attnum",
+            &[&names],
+        )
+        .await
+        .map_err(|e| pg_error(e, context()))?;
+    let mut out: Vec<Learned> = plan
+        .silver
+        .iter()
+        .map(|t| Learned {
+            columns: ExtraColumns::new(t.columns.iter().map(|(n, _)| n.as_str()), MAX_COLUMNS),
+            sql: None,
+        })
+        .collect();
+    let by_name: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    for row in rows {
+        let read = || -> Result<(String, String, String, bool), tokio_postgres::Error> {
+            Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?))
+        };
+        let (table, column, ty, dropped) = read().map_err(|e| pg_error(e, context()))?;
+        let Some(&i) = by_name.get(table.as_str()) else { continue };
+        let (t, l) = (&plan.silver[i], &mut out[i]);
+        if t.columns.iter().any(|(n, _)| n.eq_ignore_ascii_case(&column)) {
+            continue;
+        }
+        match ExtraType::from_format(&ty) {
+            Some(ty) if !dropped && l.columns.admits(&column) => l.columns.add(column, ty),
+            _ => l.columns.take(&column),
+        }
+    }
+    for (t, l) in plan.silver.iter().zip(&mut out) {
+        l.rebuild(t);
+    }
+    Ok(out)
+}
+
+/// Adds a column for every key of the commit's `_extra` objects that may become
+/// one (see [`ExtraColumns::admits`]) and has a non-null value to type it by, in
+/// the commit's transaction.
+async fn learn_columns(
+    tx: &Transaction<'_>,
+    plan: &Plan,
+    learned: &mut Option<Vec<Learned>>,
+    commit: &Commit,
+) -> Result<(), StoreError> {
+    if learned.is_none() {
+        *learned = Some(read_learned(tx, plan).await?);
+    }
+    let mut wanted: Vec<(TableId, String, ExtraType)> = Vec::new();
+    if let Some(current) = learned.as_ref() {
+        for change in &commit.silver {
+            let Some(text) = change.row.as_ref().and_then(|r| r.extra.as_deref()) else {
+                continue;
+            };
+            let Some(l) = current.get(change.table) else { continue };
+            let Some(entries) = extra::parse(text) else { continue };
+            for e in entries {
+                let new = l.columns.position(&e.key).is_none()
+                    && l.columns.admits(&e.key)
+                    && !wanted.iter().any(|(t, k, _)| *t == change.table && *k == e.key);
+                if let Some(ty) = ExtraType::of(&e.value).filter(|_| new) {
+                    wanted.push((change.table, e.key, ty));
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    // Workers of a group share the tables: one at a time adds columns, and each
+    // first reads what the others added, so that a key gets one column whose type
+    // every worker agrees on.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await
+        .map_err(|e| pg_error(e, "lock the schema".to_owned()))?;
+    let mut fresh = read_learned(tx, plan).await?;
+    let mut changed = vec![false; fresh.len()];
+    for (id, key, ty) in wanted {
+        let (Some(t), Some(l)) = (plan.silver.get(id), fresh.get_mut(id)) else { continue };
+        if l.columns.position(&key).is_some() || !l.columns.admits(&key) {
+            continue;
+        }
+        let sql = format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+            ident(&t.table),
+            ident(&key),
+            ty.sql().to_ascii_uppercase()
+        );
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| pg_error(e, format!("add column `{key}` to `{}`", t.table)))?;
+        tracing::info!(table = %t.table, column = %key, ty = ty.sql(), "added a column the source added");
+        l.columns.add(key, ty);
+        changed[id] = true;
+    }
+    for ((t, l), changed) in plan.silver.iter().zip(&mut fresh).zip(changed) {
+        if changed {
+            l.rebuild(t);
+        }
+    }
+    *learned = Some(fresh);
+    Ok(())
+}
+
 // ---- write ------------------------------------------------------------------
+
+/// What a commit reads and updates of the sink besides the connection.
+struct State<'s> {
+    group: Option<&'s GroupAssignment>,
+    versions: &'s mut HashMap<String, i64>,
+    learned: &'s mut Option<Vec<Learned>>,
+}
 
 /// One statement of a commit with its parameters.
 struct Job<'a> {
@@ -1120,10 +1415,27 @@ async fn write(
     plan: &Plan,
     stream: &str,
     commit: &Commit,
-    group: Option<&GroupAssignment>,
-    versions: &mut HashMap<String, i64>,
+    state: State<'_>,
 ) -> Result<Ack, StoreError> {
+    let State { group, versions, learned } = state;
     let Conn { client, statements } = conn;
+    let tx = client.transaction().await.map_err(|e| pg_error(e, "begin commit".to_owned()))?;
+    // Columns first: the statements below name them.
+    learn_columns(&tx, plan, learned, commit).await?;
+    let learned: &[Learned] = learned.as_deref().unwrap_or_default();
+    // Each row's undeclared values, split between learned columns and `_extra`;
+    // built here and borrowed by the parameters.
+    let splits: Vec<Split<'_, String>> = commit
+        .silver
+        .iter()
+        .map(|c| {
+            let extra = c.row.as_ref().and_then(|r| r.extra.as_deref());
+            match learned.get(c.table) {
+                Some(l) => extra::split(extra, &l.columns, ExtraType::fit),
+                None => Split { values: Vec::new(), rest: extra.map(std::borrow::Cow::Borrowed) },
+            }
+        })
+        .collect();
     // Gold group keys are built here and borrowed by the parameters.
     let gold_keys: Vec<String> = commit.gold.iter().map(|c| group_key(&c.group)).collect();
     // Group mode: the partitions' rows, each checked against the version read.
@@ -1132,8 +1444,8 @@ async fn write(
         None => Vec::new(),
     };
     let mut jobs: Vec<Job<'_>> = Vec::new();
-    let mut copies: Vec<(&SilverTable, Vec<&SilverRow>)> = Vec::new();
-    silver_jobs(plan, commit, &mut jobs, &mut copies)?;
+    let mut copies: Vec<CopyLoad<'_>> = Vec::new();
+    silver_jobs(plan, learned, commit, &splits, &mut jobs, &mut copies)?;
     if commit.gold_reset {
         for g in &plan.gold {
             let what = format!("clear `{}`", g.table);
@@ -1178,9 +1490,8 @@ async fn write(
         });
     }
 
-    let tx = client.transaction().await.map_err(|e| pg_error(e, "begin commit".to_owned()))?;
-    for (t, rows) in &copies {
-        copy_silver(&tx, statements, t, rows).await?;
+    for (t, sql, rows) in &copies {
+        copy_silver(&tx, statements, t, sql, rows).await?;
     }
     let mut prepared = Vec::with_capacity(jobs.len());
     for job in &jobs {
@@ -1306,18 +1617,24 @@ async fn prepare(
     Ok(stmt)
 }
 
+/// Upserts of one table loaded by COPY: the table, its statements, and the rows
+/// with their undeclared values.
+type CopyLoad<'a> = (&'a SilverTable, &'a SilverSql, Vec<(&'a SilverRow, &'a Split<'a, String>)>);
+
 /// Per table: the commit's deletes as one statement, its upserts as one statement
 /// (or a COPY when there are many), each sorted by key.
 fn silver_jobs<'a>(
     plan: &'a Plan,
+    learned: &'a [Learned],
     commit: &'a Commit,
+    splits: &'a [Split<'a, String>],
     jobs: &mut Vec<Job<'a>>,
-    copies: &mut Vec<(&'a SilverTable, Vec<&'a SilverRow>)>,
+    copies: &mut Vec<CopyLoad<'a>>,
 ) -> Result<(), StoreError> {
-    let mut upserts: Vec<Vec<(&Key, &SilverRow)>> =
-        plan.silver.iter().map(|_| Vec::new()).collect();
+    type Upsert<'r> = (&'r Key, &'r SilverRow, &'r Split<'r, String>);
+    let mut upserts: Vec<Vec<Upsert<'a>>> = plan.silver.iter().map(|_| Vec::new()).collect();
     let mut deletes: Vec<Vec<&Key>> = plan.silver.iter().map(|_| Vec::new()).collect();
-    for change in &commit.silver {
+    for (change, split) in commit.silver.iter().zip(splits) {
         let t = plan.silver.get(change.table).ok_or_else(|| {
             definite(format!("silver change of unknown table id {}", change.table))
         })?;
@@ -1331,7 +1648,7 @@ fn silver_jobs<'a>(
                         t.types.len()
                     )));
                 }
-                upserts[change.table].push((&change.key, row));
+                upserts[change.table].push((&change.key, row, split));
             }
             None => deletes[change.table].push(&change.key),
         }
@@ -1370,36 +1687,46 @@ fn silver_jobs<'a>(
             continue;
         }
         rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let rows: Vec<&SilverRow> = rows.into_iter().map(|(_, r)| r).collect();
+        let rows: Vec<(&SilverRow, &Split<'a, String>)> =
+            rows.into_iter().map(|(_, r, s)| (r, s)).collect();
+        let sql = learned.get(id).map_or(&t.sql, |l| l.sql(t));
         if rows.len() >= COPY_MIN_ROWS {
-            copies.push((t, rows));
+            copies.push((t, sql, rows));
             continue;
         }
         let mut columns: Vec<Vec<Param<'a>>> =
-            t.wire.iter().map(|_| Vec::with_capacity(rows.len())).collect();
-        for row in &rows {
-            for (c, p) in columns.iter_mut().zip(silver_params(row)) {
+            sql.wire.iter().map(|_| Vec::with_capacity(rows.len())).collect();
+        for (row, split) in &rows {
+            for (c, p) in columns.iter_mut().zip(silver_params(row, split)) {
                 c.push(p);
             }
         }
         jobs.push(Job {
             what: format!("upsert into `{}`", t.table),
-            sql: &t.upsert,
+            sql: &sql.upsert,
             params: columns.into_iter().map(|c| Box::new(c) as _).collect(),
         });
     }
     Ok(())
 }
 
-/// A silver row's data columns: declared values, then the bookkeeping columns.
-fn silver_params(row: &SilverRow) -> impl Iterator<Item = Param<'_>> {
-    row.values.iter().map(Param::Value).chain([
-        Param::Text(row.flags.as_deref()),
-        Param::Text(row.extra.as_deref()),
-        Param::Text(row.position.as_deref()),
-        Param::Int(row.source_ts_ms),
-        Param::Text(row.partition.as_deref()),
-    ])
+/// A silver row's data columns: declared values, then the bookkeeping columns, then
+/// the learned columns (as text; the statement casts them).
+fn silver_params<'a>(
+    row: &'a SilverRow,
+    split: &'a Split<'a, String>,
+) -> impl Iterator<Item = Param<'a>> {
+    row.values
+        .iter()
+        .map(Param::Value)
+        .chain([
+            Param::Text(row.flags.as_deref()),
+            Param::Text(split.rest.as_deref()),
+            Param::Text(row.position.as_deref()),
+            Param::Int(row.source_ts_ms),
+            Param::Text(row.partition.as_deref()),
+        ])
+        .chain(split.values.iter().map(|v| Param::Text(v.as_deref())))
 }
 
 /// Loads many upserts of one table: binary COPY into a temporary table, then one
@@ -1408,24 +1735,28 @@ async fn copy_silver(
     tx: &Transaction<'_>,
     cache: &mut HashMap<String, Statement>,
     t: &SilverTable,
-    rows: &[&SilverRow],
+    sql: &SilverSql,
+    rows: &[(&SilverRow, &Split<'_, String>)],
 ) -> Result<(), StoreError> {
     let what = || format!("copy into `{}`", t.table);
     tx.batch_execute(&t.stage_create).await.map_err(|e| pg_error(e, what()))?;
-    let copy = tx.copy_in(&t.stage_copy).await.map_err(|e| pg_error(e, what()))?;
-    let writer = BinaryCopyInWriter::new(copy, &t.wire);
+    if let Some(extend) = &sql.stage_extend {
+        tx.batch_execute(extend).await.map_err(|e| pg_error(e, what()))?;
+    }
+    let copy = tx.copy_in(&sql.stage_copy).await.map_err(|e| pg_error(e, what()))?;
+    let writer = BinaryCopyInWriter::new(copy, &sql.wire);
     let mut writer = std::pin::pin!(writer);
-    let mut params: Vec<Param<'_>> = Vec::with_capacity(t.wire.len());
-    for row in rows {
+    let mut params: Vec<Param<'_>> = Vec::with_capacity(sql.wire.len());
+    for (row, split) in rows {
         params.clear();
-        params.extend(silver_params(row));
+        params.extend(silver_params(row, split));
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         writer.as_mut().write(&refs).await.map_err(|e| pg_error(e, what()))?;
     }
     writer.finish().await.map_err(|e| pg_error(e, what()))?;
     let upsert =
-        prepare(tx, cache, &t.stage_upsert, || format!("upsert into `{}`", t.table)).await?;
+        prepare(tx, cache, &sql.stage_upsert, || format!("upsert into `{}`", t.table)).await?;
     tx.execute(&upsert, &[])
         .await
         .map_err(|e| pg_error(e, format!("upsert into `{}`", t.table)))?;
