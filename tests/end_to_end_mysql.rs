@@ -76,6 +76,7 @@ fn pipeline(dir: &Path, url: &str) -> std::path::PathBuf {
         .expect("example pipeline")
         .replace("mysql://caudal:secret@127.0.0.1:3306/erp_db", url)
         .replace("trigger_interval = \"1s\"", "trigger_interval = \"100ms\"");
+    assert!(text.contains("snapshot = \"incremental\""), "the example names its snapshot mode");
     let path = dir.join("erp_mysql.toml");
     std::fs::write(&path, text).expect("write pipeline");
     path
@@ -190,24 +191,215 @@ fn captured_gold_equals_the_gold_query_on_mariadb() {
     assert_eq!(count(&sqlite, "SELECT COUNT(*) FROM silver_order_items"), items);
 }
 
-#[test]
-fn kill_nine_during_snapshot_and_stream_loses_and_doubles_nothing() {
-    let (db, url, _dir, store, pipeline) = erp_capture();
+/// The source checkpoint the store holds, if any.
+fn stored_checkpoint(store: &Path) -> Option<String> {
+    let db = rusqlite::Connection::open_with_flags(
+        store,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    db.query_row(r#"SELECT "checkpoint" FROM "caudal_checkpoint""#, [], |r| r.get(0)).ok()
+}
+
+/// Silver holds exactly the source rows (no duplicates, none lost).
+fn assert_silver_equals_source(db: &MariaDb, store: &Path) {
+    let sqlite = rusqlite::Connection::open(store).expect("open store");
+    for table in ["customers", "products", "employees", "orders", "payments"] {
+        let want: i64 = runtime().block_on(async {
+            let mut conn = db.conn("erp_db").await;
+            let n: Option<i64> = conn
+                .query_first(format!("SELECT COUNT(*) FROM {table}"))
+                .await
+                .expect("count");
+            n.unwrap_or(-1)
+        });
+        let got = count(&sqlite, &format!("SELECT COUNT(*) FROM silver_{table}"));
+        assert_eq!(got, want, "silver_{table} rows");
+    }
+}
+
+/// Kills `caudal run` with SIGKILL three times while its snapshot is unfinished
+/// (the stored checkpoint says so), each time right after a commit, with the ERP
+/// writing throughout; the fourth run must end with the store equal to MariaDB.
+fn kill_nine_mid_snapshot(mode: &str, unfinished: &str) {
+    let (db, url, dir, store, _) = erp_capture();
+    let pipeline = dir.path().join(format!("erp_{mode}.toml"));
+    let text = std::fs::read_to_string(self::pipeline(dir.path(), &url)).expect("pipeline");
+    // Frequent commits, so each run commits mid-snapshot before it is killed.
+    let text = text
+        .replace("snapshot = \"incremental\"", &format!("snapshot = \"{mode}\""))
+        .replace("trigger_interval = \"100ms\"", "trigger_interval = \"20ms\"");
+    std::fs::write(&pipeline, text).expect("write pipeline");
 
     // A snapshot big enough to be interrupted, then changes while caudal is killed.
-    let mut seed = spawn_simulate(&url, 20_000, "max");
+    let mut seed = spawn_simulate(&url, 60_000, "max");
     assert!(seed.wait().expect("wait").success());
     let mut sim = spawn_simulate(&url, 40_000, "4000/s");
-    for wait_ms in [150, 700, 1200] {
+    let mut kills = Vec::new();
+    for _ in 0..3 {
+        let before = stored_checkpoint(&store);
         let mut run = spawn_run(&pipeline, &store);
-        std::thread::sleep(Duration::from_millis(wait_ms));
+        let started = Instant::now();
+        // Kill as soon as this run committed a checkpoint of an unfinished snapshot.
+        loop {
+            let cp = stored_checkpoint(&store);
+            if cp != before && cp.as_deref().is_some_and(|c| c.contains(unfinished)) {
+                kills.push(cp);
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no unfinished snapshot checkpoint ({unfinished}); last: {cp:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         run.kill().expect("SIGKILL");
         run.wait().expect("reap");
     }
     let run = spawn_run(&pipeline, &store);
     assert!(sim.wait().expect("wait simulate").success());
-    wait_for_equal(&db, &store, Duration::from_secs(90));
+    wait_for_equal(&db, &store, Duration::from_secs(120));
     stop(run);
+    assert_silver_equals_source(&db, &store);
+    assert_eq!(kills.len(), 3);
+}
+
+#[test]
+fn kill_nine_mid_incremental_snapshot_and_stream_loses_and_doubles_nothing() {
+    kill_nine_mid_snapshot("incremental", r#""stage":"chunks""#);
+}
+
+#[test]
+fn kill_nine_mid_consistent_snapshot_and_stream_loses_and_doubles_nothing() {
+    kill_nine_mid_snapshot("consistent", r#""snapshot":{"#);
+}
+
+#[test]
+fn the_incremental_snapshot_holds_no_long_transaction_while_the_erp_writes() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+
+    const ROWS: i64 = 800_000;
+    let db = Arc::new(MariaDb::start());
+    runtime().block_on(async {
+        db.create_db("big").await;
+        db.exec(
+            "big",
+            &[
+                "CREATE TABLE t (id INT PRIMARY KEY, a VARCHAR(20), n INT NOT NULL)",
+                "INSERT INTO t SELECT seq, CONCAT('row ', seq), 0 FROM seq_1_to_800000",
+            ],
+        )
+        .await;
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = dir.path().join("big.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\ntrigger_interval = \"100ms\"\n[source]\ntype = \"mysql\"\nurl = {:?}\n\
+             server_id = 79\nsnapshot = \"incremental\"\n[store]\ntype = \"sqlite\"\npath = \"unused.db\"\n\
+             [tables.t]\nkey = [\"id\"]\ncolumns = {{ id = \"int\", a = \"string\", n = \"int\" }}\n",
+            db.url("big")
+        ),
+    )
+    .expect("write pipeline");
+    let store = dir.path().join("big.db");
+    let done = Arc::new(AtomicBool::new(false));
+
+    // The ERP: updates spread over the table and new rows, until the snapshot ends.
+    let writes = Arc::new(AtomicI64::new(0));
+    let writer = {
+        let (db, done, writes) = (db.clone(), done.clone(), writes.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                let mut conn = db.conn("big").await;
+                let mut i: i64 = 0;
+                while !done.load(Ordering::Relaxed) {
+                    i += 1;
+                    let sql = if i % 10 == 0 {
+                        format!("INSERT INTO t VALUES ({}, 'new', 1)", ROWS + i)
+                    } else {
+                        format!("UPDATE t SET n = n + 1 WHERE id = {}", (i * 7919) % ROWS + 1)
+                    };
+                    conn.query_drop(sql).await.expect("erp write");
+                    writes.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        })
+    };
+    // Every 20 ms, the InnoDB transactions open: how long each one is seen open.
+    let poller = {
+        let (db, done) = (db.clone(), done.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                let mut conn = db.conn("big").await;
+                let mut seen: HashMap<String, (Instant, Instant)> = HashMap::new();
+                let mut oldest_started_s: i64 = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let rows: Vec<(String, i64)> = conn
+                        .query(
+                            "SELECT CAST(trx_id AS CHAR), TIMESTAMPDIFF(SECOND, trx_started, NOW()) \
+                             FROM information_schema.innodb_trx \
+                             WHERE trx_mysql_thread_id <> CONNECTION_ID()",
+                        )
+                        .await
+                        .expect("innodb_trx");
+                    let now = Instant::now();
+                    for (id, age) in rows {
+                        seen.entry(id).or_insert((now, now)).1 = now;
+                        oldest_started_s = oldest_started_s.max(age);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let longest = seen.values().map(|(a, b)| *b - *a).max().unwrap_or_default();
+                (longest, oldest_started_s, seen.len())
+            })
+        })
+    };
+
+    let started = Instant::now();
+    let run = spawn_run(&pipeline, &store);
+    // The snapshot is over once the stored checkpoint no longer names one and
+    // every row of the table is in.
+    loop {
+        let cp = stored_checkpoint(&store);
+        let in_silver = rusqlite::Connection::open(&store)
+            .ok()
+            .and_then(|c| c.query_row("SELECT count(*) FROM silver_t", [], |r| r.get(0)).ok())
+            .unwrap_or(0i64);
+        if in_silver >= ROWS && cp.as_deref().is_some_and(|c| !c.contains("\"snapshot\"")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "the snapshot did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let snapshot_secs = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let (longest, oldest_started_s, transactions) = poller.join().expect("poller");
+
+    // Then the store equals the table, changes during the snapshot included.
+    let (want_rows, want_sum) = runtime().block_on(async {
+        let mut conn = db.conn("big").await;
+        let r: Option<(i64, i64)> =
+            conn.query_first("SELECT COUNT(*), SUM(n) FROM t").await.expect("count");
+        r.expect("a row")
+    });
+    let sql = "SELECT count(*) || '|' || sum(n) FROM silver_t";
+    wait_for_rows(&store, sql, &[format!("{want_rows}|{want_sum}")], Duration::from_secs(60));
+    stop(run);
+    eprintln!(
+        "incremental snapshot of {ROWS} rows with {} ERP writes: {snapshot_secs:.1} s; \
+         {transactions} InnoDB transactions seen, the longest open {longest:?} \
+         (oldest trx_started {oldest_started_s} s)",
+        writes.load(Ordering::Relaxed)
+    );
+    assert!(transactions > 0, "the poller saw the chunk transactions");
+    assert!(longest < Duration::from_secs(1), "a transaction stayed open {longest:?}");
+    assert!(oldest_started_s <= 1, "a transaction started {oldest_started_s} s before");
 }
 
 /// Waits until `sql` on the store returns `want`.

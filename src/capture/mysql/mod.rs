@@ -63,6 +63,7 @@
 pub mod binlog;
 mod ddl;
 mod gtid;
+pub mod incremental;
 pub mod schema;
 pub mod snapshot;
 
@@ -79,6 +80,7 @@ use tokio_util::sync::CancellationToken;
 use self::schema::{DbTable, ServerInfo};
 use super::{CaptureError, Source};
 use crate::bus;
+pub use crate::config::spec::SnapshotMode;
 use crate::event::{
     BadEvent, Catalog, Change, Checkpoint, Event, Op, Position, Row, Snapshot, SourceMeta, TableId,
     TableSchema, Value,
@@ -108,6 +110,8 @@ pub struct MysqlSourceConfig {
     pub include: Vec<String>,
     /// The logical server name (Debezium's `source.name`, the topic prefix).
     pub server_name: String,
+    /// How the initial snapshot is read (see the module doc).
+    pub snapshot: SnapshotMode,
 }
 
 /// The URL may hold a password: never print it.
@@ -128,6 +132,7 @@ impl fmt::Debug for MysqlSourceConfig {
             .field("server_id", &self.server_id)
             .field("include", &self.include)
             .field("server_name", &self.server_name)
+            .field("snapshot", &self.snapshot)
             .finish()
     }
 }
@@ -151,6 +156,41 @@ pub struct SnapshotProgress {
     pub table: String,
     /// The primary key of the last row read from it; `None` before its first chunk.
     pub after: Option<Vec<serde_json::Value>>,
+    /// Which part of which snapshot is unfinished. Left out for the consistent
+    /// snapshot, so its checkpoints read the same as before the incremental one.
+    #[serde(default, skip_serializing_if = "SnapshotStage::is_consistent")]
+    pub stage: SnapshotStage,
+    /// Incremental snapshot: the tables still to read after `table`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<String>,
+}
+
+/// The stage of an unfinished snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStage {
+    /// The one-transaction snapshot ([`snapshot`]); streaming has not begun.
+    #[default]
+    Consistent,
+    /// The incremental snapshot's first view: tables without a primary key are
+    /// read and the plan of chunked tables is made. A restart starts it over.
+    Keyless,
+    /// The incremental snapshot's chunks ([`incremental`]): streaming runs, and
+    /// `table` is read from after `after`, then the tables of `then`.
+    Chunks,
+}
+
+impl SnapshotProgress {
+    /// Progress of the consistent snapshot.
+    pub fn consistent(table: String, after: Option<Vec<serde_json::Value>>) -> Self {
+        Self { table, after, stage: SnapshotStage::Consistent, then: Vec::new() }
+    }
+}
+
+impl SnapshotStage {
+    fn is_consistent(&self) -> bool {
+        *self == SnapshotStage::Consistent
+    }
 }
 
 /// The resume token of the `mysql` source.
@@ -572,19 +612,35 @@ async fn run_once(
     if let Some(cp) = checkpoint.as_ref() {
         cap.origin = cp.origin;
     }
-    // Streaming resumes with the schemas of its checkpoint (the schema history);
-    // a snapshot, and tables the checkpoint does not know, read the server's.
-    let history =
-        checkpoint.as_ref().filter(|c| c.snapshot.is_none()).and_then(|c| c.schemas.clone());
+    // Streaming resumes with the schemas of its checkpoint (the schema history),
+    // also during the chunks of an incremental snapshot (which stream); a
+    // snapshot's first view, and tables the checkpoint does not know, read the
+    // server's.
+    let streaming = |c: &&MysqlCheckpoint| {
+        c.snapshot.as_ref().is_none_or(|p| p.stage == SnapshotStage::Chunks)
+    };
+    let history = checkpoint.as_ref().filter(streaming).and_then(|c| c.schemas.clone());
     for &(id, ref name) in tables {
         match history.as_ref().and_then(|h| h.get(name)) {
             Some(db) => cap.set_schema(id, db.clone()),
             None => cap.load_mapping(&mut conn, name).await?,
         }
     }
-    let needs_snapshot = checkpoint.as_ref().is_none_or(|c| c.snapshot.is_some());
-    if needs_snapshot {
-        let done = snapshot::run(cap, conn, checkpoint, out, shutdown).await?;
+    // A new snapshot takes the configured mode; an unfinished one goes on in its
+    // own (the checkpoint's stage), whatever the configuration says now.
+    let first_view = match checkpoint.as_ref().map(|c| c.snapshot.as_ref().map(|p| p.stage)) {
+        None => Some(source.config.snapshot),
+        Some(Some(SnapshotStage::Consistent)) => Some(SnapshotMode::Consistent),
+        Some(Some(SnapshotStage::Keyless)) => Some(SnapshotMode::Incremental),
+        Some(Some(SnapshotStage::Chunks) | None) => None,
+    };
+    if let Some(mode) = first_view {
+        let done = match mode {
+            SnapshotMode::Consistent => snapshot::run(cap, conn, checkpoint, out, shutdown).await?,
+            SnapshotMode::Incremental => {
+                incremental::begin(cap, conn, checkpoint, out, shutdown).await?
+            }
+        };
         if !done {
             return Ok(());
         }
@@ -596,7 +652,8 @@ async fn run_once(
             hint: None,
         });
     };
-    binlog::stream(cap, opts, conn, cp, checkpoint, out, shutdown).await
+    let chunks = incremental::Chunks::plan(cap, &cp, source.config.snapshot, opts);
+    binlog::stream(cap, opts, conn, cp, checkpoint, out, shutdown, chunks).await
 }
 
 #[cfg(test)]
@@ -615,6 +672,8 @@ mod tests {
             snapshot: Some(SnapshotProgress {
                 table: "orders".into(),
                 after: Some(vec![serde_json::json!(41)]),
+                stage: SnapshotStage::Chunks,
+                then: vec!["items".into()],
             }),
             origin: 7,
             schemas: Some(Schemas(Arc::new(BTreeMap::from([(
@@ -634,6 +693,16 @@ mod tests {
         let old = MysqlCheckpoint::parse(&old).unwrap().unwrap();
         assert_eq!((old.gtid, old.pos), (None, 4));
         assert!(MysqlCheckpoint::parse(&Checkpoint(r#"{"offset":12}"#.into())).is_err());
+        // A consistent snapshot's progress is written (and read) as before.
+        let consistent = SnapshotProgress {
+            table: "t".into(),
+            after: None,
+            stage: SnapshotStage::Consistent,
+            then: Vec::new(),
+        };
+        let text = serde_json::to_string(&consistent).unwrap();
+        assert_eq!(text, r#"{"table":"t","after":null}"#);
+        assert_eq!(serde_json::from_str::<SnapshotProgress>(&text).unwrap(), consistent);
     }
 
     #[test]
