@@ -169,7 +169,9 @@ pub(crate) async fn begin(
         let mut offset = 0u64;
         loop {
             let sql = chunk_sql(&cap.db, &db, false, offset);
-            let mut rows: Vec<Row> = conn.query(sql).await.map_err(|e| driver_error(CTX, e))?;
+            // Prepared (binary protocol), as every snapshot read: values come typed.
+            let mut rows: Vec<Row> =
+                conn.exec(sql, Params::Empty).await.map_err(|e| driver_error(CTX, e))?;
             let more = rows.len() > BATCH_ROWS;
             rows.truncate(BATCH_ROWS);
             offset += rows.len() as u64;
@@ -633,7 +635,7 @@ async fn chunk_rows(
         let mut all = Vec::new();
         loop {
             let sql = chunk_sql(db_name, db, false, all.len() as u64);
-            let rows: Vec<Row> = conn.query(sql).await?;
+            let rows: Vec<Row> = conn.exec(sql, Params::Empty).await?;
             let more = rows.len() > BATCH_ROWS;
             all.extend(rows.into_iter().take(BATCH_ROWS).map(Row::unwrap_raw));
             if !more {

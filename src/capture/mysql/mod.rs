@@ -1,4 +1,5 @@
-//! MySQL / MariaDB binlog capture: a consistent snapshot, then the binlog.
+//! MySQL / MariaDB binlog capture: a snapshot merged with, or followed by, the
+//! binlog.
 //!
 //! **Connect.** The source connects with `source.url` (the database in its path is
 //! the one captured) and checks the server ([`schema::check_server`]): binlog on,
@@ -6,23 +7,36 @@
 //! `REPLICATION CLIENT` grants; anything missing is a definite error naming the
 //! setting or grant and the fix.
 //!
-//! **Snapshot** ([`snapshot`]). Without a checkpoint, the included tables are read
-//! in one consistent-snapshot transaction (MariaDB reports the binlog position of
-//! that snapshot; MySQL briefly takes a global read lock to read it), table after
-//! table in primary-key chunks, as op `r` changes carrying the snapshot's binlog
-//! position; the last row is marked `snapshot = last`. The view's position is also
-//! read as a GTID position (MariaDB: `BINLOG_GTID_POS` of the view's file/offset;
-//! MySQL: `Executed_Gtid_Set` under the same read lock), so both name one point.
-//! Each table logs its progress (rows read against the server's row estimate).
-//! Every chunk is a batch whose
-//! checkpoint records the table and last key read, so an interrupted snapshot
-//! resumes at its next chunk. The resumed part is read in a new, later snapshot;
-//! streaming still starts at the first snapshot's position, so the binlog between
-//! the two replays changes to rows already read: row images are full, so the end
-//! state is the same (at least once, never a gap).
+//! **Snapshot**, in one of two modes (`source.snapshot`, [`SnapshotMode`]); a
+//! snapshot a restart finds unfinished goes on in the mode it started in (the
+//! checkpoint's [`SnapshotStage`]).
+//!
+//! - *Incremental* (the default; [`incremental`]): streaming starts at once, from
+//!   the position of a first short view that reads the tables without a primary
+//!   key; the other tables are read in primary-key chunks, each in its own short
+//!   transaction, and each chunk goes into the change stream at the binlog point it
+//!   is the state of (DBLog). No transaction lasts longer than a chunk. A restart
+//!   resumes the stream at its checkpoint and the snapshot at the next chunk, each
+//!   row read once.
+//! - *Consistent* ([`snapshot`]): without a checkpoint, the included tables are
+//!   read in one consistent-snapshot transaction (MariaDB reports the binlog
+//!   position of that snapshot; MySQL briefly takes a global read lock to read it),
+//!   table after table in primary-key chunks, as op `r` changes carrying the
+//!   snapshot's binlog position; the last row is marked `snapshot = last`. The
+//!   view's position is also read as a GTID position (MariaDB: `BINLOG_GTID_POS` of
+//!   the view's file/offset; MySQL: `Executed_Gtid_Set` under the same read lock),
+//!   so both name one point. Every chunk is a batch whose checkpoint records the
+//!   table and last key read, so an interrupted snapshot resumes at its next chunk.
+//!   The resumed part is read in a new, later snapshot; streaming still starts at
+//!   the first snapshot's position, so the binlog between the two replays changes
+//!   to rows already read: row images are full, so the end state is the same (at
+//!   least once, never a gap).
+//!
+//! Either way each table logs its progress (rows read against the server's row
+//! estimate).
 //!
 //! **Streaming** ([`binlog`]). The binlog is read as a replica with
-//! `source.server_id` from the snapshot's position (or the checkpoint's), by GTID
+//! `source.server_id` from the snapshot's first view (or the checkpoint's), by GTID
 //! when the position has one, and WRITE/UPDATE/DELETE rows events of included
 //! tables become `c`/`u`/`d` changes at `Position::Binlog { file, pos, row }`
 //! (`pos` is the event's end offset, `row` the row's index in the event) with
@@ -48,17 +62,15 @@
 //! re-snapshot), a duplicate server id. Rows whose values do not fit the declared
 //! column types are bad events (`wrong_type`), never errors.
 //!
-//! MySQL 8 (GTID events, `COM_BINLOG_DUMP_GTID`, `Executed_Gtid_Set`) is written
-//! from its documentation and not tested here; MariaDB is.
+//! MySQL 8 (GTID events, `COM_BINLOG_DUMP_GTID`, `Executed_Gtid_Set`, the
+//! incremental snapshot's watermark window) is written from its documentation and
+//! not tested here; MariaDB is.
 //!
 //! **Schema history** ([`ddl`]). Rows are decoded with the schema of their point
 //! in the binlog: DDL statements are applied to the known schemas as they stream
 //! by, the schemas are part of every checkpoint, and each table map is checked
 //! against its table's schema before rows are decoded (rows that fit no known
 //! schema are quarantined as `schema_mismatch`).
-//!
-//! Not yet: watermark-based (lock-free, incremental) snapshots of tables that
-//! change during a long snapshot.
 
 pub mod binlog;
 mod ddl;
