@@ -607,17 +607,21 @@ async fn a_column_added_during_an_incremental_snapshot_reaches_the_later_chunks(
         &[("id", "int"), ("v", "string"), ("w", "int")],
         &["id"],
     )]));
+    server.exec(db, &["CREATE TABLE other (id INT PRIMARY KEY)"]).await;
     let mut run = start(&server.url(db), &catalog, None);
     let mut got = run.changes(500).await;
-    server
-        .exec(
-            db,
-            &[
-                "ALTER TABLE t ADD COLUMN w INT NOT NULL DEFAULT 7",
-                "INSERT INTO t VALUES (9000, 'new', 9)",
-            ],
-        )
-        .await;
+    // While the source waits for the full bus: transactions of a table it does not
+    // capture, then the column. Once let go, the stream is behind the server, so
+    // the next chunk is read (at the server's position, after the column) with the
+    // schema of the stream's point, before the column: by the time the stream
+    // reaches the chunk's point it knows the column, and the chunk is read again.
+    let others: Vec<String> = (1..=300).map(|i| format!("INSERT INTO other VALUES ({i})")).collect();
+    let mut writes: Vec<&str> = others.iter().map(String::as_str).collect();
+    writes.extend([
+        "ALTER TABLE t ADD COLUMN w INT NOT NULL DEFAULT 7",
+        "INSERT INTO t VALUES (9000, 'new', 9)",
+    ]);
+    server.exec(db, &writes).await;
     got.extend(run.changes(6000 - 500 + 2).await);
     run.assert_quiet(Duration::from_millis(300)).await;
     run.stop().await;
