@@ -132,8 +132,11 @@ impl Cursor {
         let bookkept = !artificial
             && log_pos != 0
             && !matches!(event_type, ROTATE | FORMAT_DESCRIPTION | HEARTBEAT_EVENT | HEARTBEAT_V2);
+        // Never backwards: a stream resumed by GTID starts with the header events of
+        // the file (format description, GTID list), whose offsets are before the
+        // checkpoint's; an incremental snapshot's chunk may take a checkpoint then.
         if bookkept && !self.in_txn {
-            self.resume = log_pos;
+            self.resume = self.resume.max(log_pos);
         }
     }
 
@@ -880,6 +883,9 @@ mod tests {
         c.advance(FORMAT_DESCRIPTION, 256, false, None);
         c.advance(HEARTBEAT_EVENT, 0, true, None);
         assert_eq!(c.resume, 100);
+        // The GTID list at the head of the file of a GTID resume.
+        c.advance(163, 60, false, None);
+        assert_eq!(c.resume, 100, "never backwards");
         c.rotate("mysql-bin.000002", 4);
         assert_eq!((&*c.file, c.resume), ("mysql-bin.000002", 4));
     }
