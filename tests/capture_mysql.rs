@@ -540,7 +540,10 @@ async fn an_interrupted_incremental_snapshot_resumes_at_its_next_chunk_in_binlog
     assert_eq!(rows.len(), 500, "one chunk per batch");
     let progress = checkpoint(cp).snapshot.expect("snapshot unfinished");
     assert_eq!(progress.stage, SnapshotStage::Chunks);
-    assert_eq!((progress.table.as_str(), progress.after.clone()), ("t", Some(vec![serde_json::json!(500)])));
+    assert_eq!(
+        (progress.table.as_str(), progress.after.clone()),
+        ("t", Some(vec![serde_json::json!(500)]))
+    );
     let (_, _, row) = binlog_pos(&rows[0]);
     assert_eq!(row, u32::MAX, "a chunk sits after every change before its point");
 
@@ -615,7 +618,8 @@ async fn a_column_added_during_an_incremental_snapshot_reaches_the_later_chunks(
     // the next chunk is read (at the server's position, after the column) with the
     // schema of the stream's point, before the column: by the time the stream
     // reaches the chunk's point it knows the column, and the chunk is read again.
-    let others: Vec<String> = (1..=300).map(|i| format!("INSERT INTO other VALUES ({i})")).collect();
+    let others: Vec<String> =
+        (1..=300).map(|i| format!("INSERT INTO other VALUES ({i})")).collect();
     let mut writes: Vec<&str> = others.iter().map(String::as_str).collect();
     writes.extend([
         "ALTER TABLE t ADD COLUMN w INT NOT NULL DEFAULT 7",
@@ -634,7 +638,9 @@ async fn a_column_added_during_an_incremental_snapshot_reaches_the_later_chunks(
         match value(&catalog, c, "w") {
             Value::Int(7) => seen_new_column = true,
             Value::Int(9) if *id == 9000 => {}
-            Value::Null => assert!(!seen_new_column, "row {id}: a chunk read after the column lacks it"),
+            Value::Null => {
+                assert!(!seen_new_column, "row {id}: a chunk read after the column lacks it")
+            }
             other => panic!("row {id}: w = {other:?}"),
         }
     }

@@ -6,6 +6,8 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
@@ -207,10 +209,8 @@ fn assert_silver_equals_source(db: &MariaDb, store: &Path) {
     for table in ["customers", "products", "employees", "orders", "payments"] {
         let want: i64 = runtime().block_on(async {
             let mut conn = db.conn("erp_db").await;
-            let n: Option<i64> = conn
-                .query_first(format!("SELECT COUNT(*) FROM {table}"))
-                .await
-                .expect("count");
+            let n: Option<i64> =
+                conn.query_first(format!("SELECT COUNT(*) FROM {table}")).await.expect("count");
             n.unwrap_or(-1)
         });
         let got = count(&sqlite, &format!("SELECT COUNT(*) FROM silver_{table}"));
@@ -274,32 +274,30 @@ fn kill_nine_mid_consistent_snapshot_and_stream_loses_and_doubles_nothing() {
     kill_nine_mid_snapshot("consistent", r#""snapshot":{"#);
 }
 
-#[test]
-fn the_incremental_snapshot_holds_no_long_transaction_while_the_erp_writes() {
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-    use std::sync::Arc;
+/// What one snapshot of the big table showed.
+struct SnapshotRun {
+    seconds: f64,
+    writes: i64,
+    /// Sightings of caudal's InnoDB transactions.
+    sightings: usize,
+    /// The largest age seen, as now minus `trx_started`. That column has whole
+    /// seconds, so the transaction was open at least this minus one second.
+    oldest: Duration,
+}
 
-    const ROWS: i64 = 800_000;
-    let db = Arc::new(MariaDb::start());
-    runtime().block_on(async {
-        db.create_db("big").await;
-        db.exec(
-            "big",
-            &[
-                "CREATE TABLE t (id INT PRIMARY KEY, a VARCHAR(20), n INT NOT NULL)",
-                "INSERT INTO t SELECT seq, CONCAT('row ', seq), 0 FROM seq_1_to_800000",
-            ],
-        )
-        .await;
-    });
+const BIG_ROWS: i64 = 800_000;
+
+/// Snapshots `big.t` in `mode` into a new store while the ERP writes to it, and
+/// watches the InnoDB transactions of every connection but the ERP's and the
+/// watcher's; returns once the store equals the table.
+fn snapshot_under_writes(db: &Arc<MariaDb>, mode: &str, server_id: u32) -> SnapshotRun {
     let dir = tempfile::tempdir().expect("tempdir");
     let pipeline = dir.path().join("big.toml");
     std::fs::write(
         &pipeline,
         format!(
             "[pipeline]\ntrigger_interval = \"100ms\"\n[source]\ntype = \"mysql\"\nurl = {:?}\n\
-             server_id = 79\nsnapshot = \"incremental\"\n[store]\ntype = \"sqlite\"\npath = \"unused.db\"\n\
+             server_id = {server_id}\nsnapshot = \"{mode}\"\n[store]\ntype = \"sqlite\"\npath = \"unused.db\"\n\
              [tables.t]\nkey = [\"id\"]\ncolumns = {{ id = \"int\", a = \"string\", n = \"int\" }}\n",
             db.url("big")
         ),
@@ -310,18 +308,27 @@ fn the_incremental_snapshot_holds_no_long_transaction_while_the_erp_writes() {
 
     // The ERP: updates spread over the table and new rows, until the snapshot ends.
     let writes = Arc::new(AtomicI64::new(0));
+    // The ERP's connection id: its own transactions are not caudal's.
+    let erp_thread = Arc::new(AtomicI64::new(-1));
     let writer = {
         let (db, done, writes) = (db.clone(), done.clone(), writes.clone());
+        let erp_thread = erp_thread.clone();
         std::thread::spawn(move || {
             runtime().block_on(async {
                 let mut conn = db.conn("big").await;
+                let id: Option<i64> =
+                    conn.query_first("SELECT CONNECTION_ID()").await.expect("connection id");
+                erp_thread.store(id.expect("an id"), Ordering::SeqCst);
+                let first: Option<i64> =
+                    conn.query_first("SELECT MAX(id) FROM t").await.expect("max id");
+                let first = first.expect("rows");
                 let mut i: i64 = 0;
                 while !done.load(Ordering::Relaxed) {
                     i += 1;
                     let sql = if i % 10 == 0 {
-                        format!("INSERT INTO t VALUES ({}, 'new', 1)", ROWS + i)
+                        format!("INSERT INTO t VALUES ({}, 'new', 1)", first + i)
                     } else {
-                        format!("UPDATE t SET n = n + 1 WHERE id = {}", (i * 7919) % ROWS + 1)
+                        format!("UPDATE t SET n = n + 1 WHERE id = {}", (i * 7919) % BIG_ROWS + 1)
                     };
                     conn.query_drop(sql).await.expect("erp write");
                     writes.fetch_add(1, Ordering::Relaxed);
@@ -330,32 +337,34 @@ fn the_incremental_snapshot_holds_no_long_transaction_while_the_erp_writes() {
             })
         })
     };
-    // Every 20 ms, the InnoDB transactions open: how long each one is seen open.
+    while erp_thread.load(Ordering::SeqCst) < 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Every 150 ms, the age of the InnoDB transactions open.
     let poller = {
         let (db, done) = (db.clone(), done.clone());
+        let erp_thread = erp_thread.load(Ordering::SeqCst);
         std::thread::spawn(move || {
             runtime().block_on(async {
                 let mut conn = db.conn("big").await;
-                let mut seen: HashMap<String, (Instant, Instant)> = HashMap::new();
-                let mut oldest_started_s: i64 = 0;
+                let (mut sightings, mut oldest_us) = (0usize, 0i64);
                 while !done.load(Ordering::Relaxed) {
-                    let rows: Vec<(String, i64)> = conn
-                        .query(
-                            "SELECT CAST(trx_id AS CHAR), TIMESTAMPDIFF(SECOND, trx_started, NOW()) \
+                    let ages: Vec<i64> = conn
+                        .exec(
+                            "SELECT TIMESTAMPDIFF(MICROSECOND, trx_started, NOW(6)) \
                              FROM information_schema.innodb_trx \
-                             WHERE trx_mysql_thread_id <> CONNECTION_ID()",
+                             WHERE trx_mysql_thread_id NOT IN (CONNECTION_ID(), ?)",
+                            (erp_thread,),
                         )
                         .await
                         .expect("innodb_trx");
-                    let now = Instant::now();
-                    for (id, age) in rows {
-                        seen.entry(id).or_insert((now, now)).1 = now;
-                        oldest_started_s = oldest_started_s.max(age);
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    sightings += ages.len();
+                    oldest_us = ages.into_iter().fold(oldest_us, i64::max);
+                    // InnoDB refreshes this table's cache only when it was not
+                    // read for 100 ms: polling faster would see a frozen copy.
+                    tokio::time::sleep(Duration::from_millis(150)).await;
                 }
-                let longest = seen.values().map(|(a, b)| *b - *a).max().unwrap_or_default();
-                (longest, oldest_started_s, seen.len())
+                (sightings, Duration::from_micros(u64::try_from(oldest_us).unwrap_or(0)))
             })
         })
     };
@@ -370,16 +379,16 @@ fn the_incremental_snapshot_holds_no_long_transaction_while_the_erp_writes() {
             .ok()
             .and_then(|c| c.query_row("SELECT count(*) FROM silver_t", [], |r| r.get(0)).ok())
             .unwrap_or(0i64);
-        if in_silver >= ROWS && cp.as_deref().is_some_and(|c| !c.contains("\"snapshot\"")) {
+        if in_silver >= BIG_ROWS && cp.as_deref().is_some_and(|c| !c.contains("\"snapshot\"")) {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(300), "the snapshot did not finish");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let snapshot_secs = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
-    let (longest, oldest_started_s, transactions) = poller.join().expect("poller");
+    let (sightings, oldest) = poller.join().expect("poller");
 
     // Then the store equals the table, changes during the snapshot included.
     let (want_rows, want_sum) = runtime().block_on(async {
@@ -391,15 +400,44 @@ fn the_incremental_snapshot_holds_no_long_transaction_while_the_erp_writes() {
     let sql = "SELECT count(*) || '|' || sum(n) FROM silver_t";
     wait_for_rows(&store, sql, &[format!("{want_rows}|{want_sum}")], Duration::from_secs(60));
     stop(run);
+    let run = SnapshotRun { seconds, writes: writes.load(Ordering::Relaxed), sightings, oldest };
     eprintln!(
-        "incremental snapshot of {ROWS} rows with {} ERP writes: {snapshot_secs:.1} s; \
-         {transactions} InnoDB transactions seen, the longest open {longest:?} \
-         (oldest trx_started {oldest_started_s} s)",
-        writes.load(Ordering::Relaxed)
+        "{mode} snapshot of {BIG_ROWS} rows with {} ERP writes: {:.1} s; {} sightings of \
+         caudal's InnoDB transactions, the oldest seen {:?} after its trx_started (whole seconds)",
+        run.writes, run.seconds, run.sightings, run.oldest
     );
-    assert!(transactions > 0, "the poller saw the chunk transactions");
-    assert!(longest < Duration::from_secs(1), "a transaction stayed open {longest:?}");
-    assert!(oldest_started_s <= 1, "a transaction started {oldest_started_s} s before");
+    run
+}
+
+#[test]
+fn the_incremental_snapshot_holds_no_long_transaction_while_the_erp_writes() {
+    let db = Arc::new(MariaDb::start());
+    runtime().block_on(async {
+        db.create_db("big").await;
+        db.exec(
+            "big",
+            &[
+                "CREATE TABLE t (id INT PRIMARY KEY, a VARCHAR(20), n INT NOT NULL)",
+                "INSERT INTO t SELECT seq, CONCAT('row ', seq), 0 FROM seq_1_to_800000",
+            ],
+        )
+        .await;
+    });
+    // The control: the watch sees the consistent snapshot's one long transaction.
+    let consistent = snapshot_under_writes(&db, "consistent", 80);
+    assert!(
+        consistent.oldest >= Duration::from_secs(1),
+        "the watch did not see the consistent snapshot's transaction: {:?}",
+        consistent.oldest
+    );
+    let incremental = snapshot_under_writes(&db, "incremental", 79);
+    assert!(incremental.writes > 0, "the ERP wrote during the snapshot");
+    // Seen 2 s after its whole-second start, a transaction was open 1 s or more.
+    assert!(
+        incremental.oldest < Duration::from_secs(2),
+        "a transaction was open 1 s or more ({:?} after its trx_started)",
+        incremental.oldest
+    );
 }
 
 /// Waits until `sql` on the store returns `want`.

@@ -589,9 +589,12 @@ fn source_spec(p: &mut Problems, raw: &RawSource) -> SourceSpec {
                 Some(text) => SnapshotMode::parse(text).unwrap_or_else(|| {
                     let message = "must be \"incremental\" or \"consistent\"";
                     match did_you_mean(text, ["incremental", "consistent"]) {
-                        Some(m) => {
-                            p.hint("source.snapshot", Some(quote(text)), message, format!("did you mean `{m}`?"))
-                        }
+                        Some(m) => p.hint(
+                            "source.snapshot",
+                            Some(quote(text)),
+                            message,
+                            format!("did you mean `{m}`?"),
+                        ),
                         None => p.add("source.snapshot", Some(quote(text)), message),
                     }
                     SnapshotMode::default()

@@ -430,15 +430,17 @@ impl Chunks {
         };
         let after: Option<Vec<MyValue>> = match &next.after {
             None => None,
-            Some(keys) => Some(keys.iter().map(key_from_json).collect::<Option<_>>().ok_or_else(
-                || CaptureError::Definite {
-                    message: format!(
-                        "the checkpoint's snapshot key of `{}` is unreadable",
-                        next.table
-                    ),
-                    hint: Some("start with a new store to take a new snapshot".into()),
-                },
-            )?),
+            Some(keys) => {
+                Some(keys.iter().map(key_from_json).collect::<Option<_>>().ok_or_else(|| {
+                    CaptureError::Definite {
+                        message: format!(
+                            "the checkpoint's snapshot key of `{}` is unreadable",
+                            next.table
+                        ),
+                        hint: Some("start with a new store to take a new snapshot".into()),
+                    }
+                })?)
+            }
         };
         if self.conn.is_none() {
             let mut conn = connect(&self.opts).await?;
@@ -472,7 +474,9 @@ impl Chunks {
         let (rows, more, last_key, at) = match read {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(e),
-            Err(mysql_async::Error::Server(e)) if !matches!(e.code, 1044 | 1045 | 1142 | 1143 | 1227) => {
+            Err(mysql_async::Error::Server(e))
+                if !matches!(e.code, 1044 | 1045 | 1142 | 1143 | 1227) =>
+            {
                 let _ = conn.query_drop("ROLLBACK").await;
                 self.failures += 1;
                 if self.failures > MAX_RETRIES {
@@ -757,7 +761,10 @@ mod tests {
     fn a_plan_reads_its_tables_in_order() {
         assert_eq!(plan(Vec::new()), None);
         let p = plan(vec!["a".into(), "b".into(), "c".into()]).unwrap();
-        assert_eq!((p.table.as_str(), p.then.clone(), p.stage), ("a", vec!["b".to_owned(), "c".to_owned()], SnapshotStage::Chunks));
+        assert_eq!(
+            (p.table.as_str(), p.then.clone(), p.stage),
+            ("a", vec!["b".to_owned(), "c".to_owned()], SnapshotStage::Chunks)
+        );
         let q = after_table(&p).unwrap();
         assert_eq!((q.table.as_str(), q.after, q.then), ("b", None, vec!["c".to_owned()]));
     }

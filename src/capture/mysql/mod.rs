@@ -628,9 +628,8 @@ async fn run_once(
     // also during the chunks of an incremental snapshot (which stream); a
     // snapshot's first view, and tables the checkpoint does not know, read the
     // server's.
-    let streaming = |c: &&MysqlCheckpoint| {
-        c.snapshot.as_ref().is_none_or(|p| p.stage == SnapshotStage::Chunks)
-    };
+    let streaming =
+        |c: &&MysqlCheckpoint| c.snapshot.as_ref().is_none_or(|p| p.stage == SnapshotStage::Chunks);
     let history = checkpoint.as_ref().filter(streaming).and_then(|c| c.schemas.clone());
     for &(id, ref name) in tables {
         match history.as_ref().and_then(|h| h.get(name)) {

@@ -38,7 +38,10 @@ pub(crate) struct ViewPosition {
 }
 
 /// Opens the consistent view and returns the binlog position it corresponds to.
-pub(crate) async fn begin(conn: &mut Conn, server: &ServerInfo) -> Result<ViewPosition, CaptureError> {
+pub(crate) async fn begin(
+    conn: &mut Conn,
+    server: &ServerInfo,
+) -> Result<ViewPosition, CaptureError> {
     let mariadb = server.mariadb;
     let q = |e| driver_error(CTX, e);
     // TIMESTAMP columns are then read as UTC, as the binlog holds them.
