@@ -648,7 +648,7 @@ async fn a_column_added_during_an_incremental_snapshot_reaches_the_later_chunks(
     want.push(9000);
     assert_eq!(ids, want, "every row read once, in key order");
     assert!(seen_new_column, "the later chunks carry the new column");
-    let last_read = got.iter().filter(|c| c.op == Op::Read).last().expect("reads");
+    let last_read = got.iter().rfind(|c| c.op == Op::Read).expect("reads");
     assert_eq!(value(&catalog, last_read, "w"), &Value::Int(9), "row 9000 as inserted");
     let insert = got.iter().find(|c| c.op == Op::Insert).expect("the streamed insert");
     assert_eq!(value(&catalog, insert, "w"), &Value::Int(9));
