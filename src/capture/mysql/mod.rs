@@ -44,8 +44,9 @@
 //! the source caught up ([`crate::event::Batch::caught_up_ms`]). Changes go out in batches of at most
 //! [`BATCH_ROWS`] rows or [`BATCH_INTERVAL`] of waiting.
 //!
-//! **Checkpoints** ([`MysqlCheckpoint`], JSON). A checkpoint names a transaction
-//! boundary to restart streaming from, as file/offset and, when the server has
+//! **Checkpoints** ([`MysqlCheckpoint`], JSON). While a snapshot is unfinished, a
+//! checkpoint carries its progress ([`SnapshotProgress`]). A checkpoint names a
+//! transaction boundary to restart streaming from, as file/offset and, when the server has
 //! GTIDs, as the GTID set of the transactions before it, and, when a batch ended
 //! inside a transaction, the last row already delivered; a restart re-reads that
 //! transaction and skips those rows, so it continues strictly after the

@@ -1,5 +1,7 @@
-//! The initial snapshot: every included table read in one consistent view, in
-//! primary-key chunks, as op `r` changes at the binlog position of that view.
+//! The consistent snapshot (`source.snapshot = "consistent"`): every included
+//! table read in one consistent view, in primary-key chunks, as op `r` changes at
+//! the binlog position of that view. [`begin`] also opens the first view of the
+//! incremental snapshot (see [`super::incremental`]).
 //!
 //! The view is an InnoDB consistent-snapshot transaction (no table locks on
 //! MariaDB, which reports the binlog position of the view in
