@@ -786,6 +786,147 @@ mod tests {
         assert!(!reached(&mark, (&file, 499), None));
     }
 
+    /// A capture of table `t (id INT PRIMARY KEY, v TEXT)` on MySQL.
+    fn capture() -> Capture {
+        use crate::capture::mysql::schema::{DbColumn, DbKind, ServerInfo};
+        use crate::event::{Catalog, Column, ColumnType, TableSchema};
+        let schema = TableSchema {
+            name: "t".into(),
+            columns: vec![
+                Column { name: "id".into(), ty: ColumnType::Int },
+                Column { name: "v".into(), ty: ColumnType::String },
+            ],
+            key: vec![0],
+        };
+        let db = DbTable {
+            name: "t".into(),
+            columns: vec![
+                DbColumn { name: "id".into(), kind: DbKind::Integer { bits: 32, unsigned: false } },
+                DbColumn { name: "v".into(), kind: DbKind::Text { latin1: false } },
+            ],
+            key: vec![0],
+            default_latin1: false,
+        };
+        let mut cap = Capture {
+            catalog: Arc::new(Catalog::new(vec![schema])),
+            db: "erp".into(),
+            server_name: "erp".into(),
+            server_id: 1,
+            tables: vec![(0, "t".into())],
+            mappings: Default::default(),
+            schemas: Default::default(),
+            origin: 0,
+            server: ServerInfo { mariadb: false, gtid: false },
+            metas: Default::default(),
+        };
+        cap.set_schema(0, db);
+        cap
+    }
+
+    fn streamed(cap: &mut Capture, id: i64, file: &Arc<str>, pos: u64) -> Event {
+        cap.event(RowChange {
+            table: "t".into(),
+            op: Op::Update,
+            before: Some(vec![Ok(Value::Int(id)), Ok(Value::Str("old".into()))]),
+            after: Some(vec![Ok(Value::Int(id)), Ok(Value::Str("new".into()))]),
+            position: Position::Binlog { file: file.clone(), pos, row: 0 },
+            snapshot: Snapshot::False,
+            gtid: None,
+            ts_ms: 0,
+            server_id: 1,
+        })
+    }
+
+    #[test]
+    fn a_watermark_chunk_drops_the_rows_streamed_in_its_window() {
+        let mut cap = capture();
+        let file: Arc<str> = Arc::from("bin.000001");
+        let mark = |pos| Mark { file: file.clone(), pos, gtid: None };
+        let db = cap.mappings["t"].db.clone();
+        let row = |id: i64| vec![Some(MyValue::Int(id)), Some(MyValue::Bytes(b"chunk".to_vec()))];
+        let opts = Opts::from_url("mysql://root@localhost/erp").unwrap();
+        let progress = plan(vec!["t".into()]);
+        let mut chunks = Chunks {
+            opts,
+            mariadb: false,
+            conn: None,
+            next: progress.clone(),
+            ready: Some(Chunk {
+                table: "t".into(),
+                db,
+                rows: vec![row(1), row(2), row(3)],
+                next: None,
+                at: ChunkAt::Window {
+                    low: mark(1000),
+                    high: mark(2000),
+                    open: false,
+                    changed: HashSet::new(),
+                },
+                ts_ms: 0,
+            }),
+            retry_after: None,
+            failures: 0,
+            table: None,
+            started: Instant::now(),
+        };
+        assert_eq!(chunks.progress(), progress, "the chunk is not out yet");
+        // Before the low watermark: older than the chunk, which then wins.
+        let before_low = [streamed(&mut cap, 1, &file, 900)];
+        chunks.record(&cap, "t", (&file, 900), None, &before_low);
+        // In the window: at least as new as the chunk, so the chunk's row goes.
+        let in_window = [streamed(&mut cap, 2, &file, 1500)];
+        chunks.record(&cap, "t", (&file, 1500), None, &in_window);
+        assert!(!chunks.due((&file, 1500), None, false), "before the high watermark");
+        assert!(!chunks.due((&file, 2000), None, true), "inside a transaction");
+        assert!(chunks.due((&file, 2000), None, false));
+        let out = chunks.emit(&mut cap, &file, 2000);
+        let ids: Vec<String> = out
+            .iter()
+            .map(|e| match e {
+                Event::Change(c) => {
+                    assert_eq!(c.op, Op::Read);
+                    let at = Position::Binlog { file: file.clone(), pos: 2000, row: u32::MAX };
+                    assert_eq!(c.source.position.as_ref(), Some(&at));
+                    format!("{:?}", c.after.as_ref().map(|r| r[0].clone()))
+                }
+                Event::Bad(b) => panic!("bad event: {}", b.detail),
+            })
+            .collect();
+        assert_eq!(ids, ["Some(Int(1))", "Some(Int(3))"]);
+        assert!(matches!(&out[1], Event::Change(c) if c.source.snapshot == Snapshot::Last));
+        assert_eq!(chunks.progress(), None, "the snapshot is complete");
+    }
+
+    #[test]
+    fn a_chunk_read_before_a_ddl_is_not_emitted_with_the_old_schema() {
+        let mut cap = capture();
+        let file: Arc<str> = Arc::from("bin.000001");
+        let mut db = cap.mappings["t"].db.clone();
+        db.columns.truncate(1);
+        let mut chunks = Chunks {
+            opts: Opts::from_url("mysql://root@localhost/erp").unwrap(),
+            mariadb: true,
+            conn: None,
+            next: plan(vec!["t".into()]),
+            ready: Some(Chunk {
+                table: "t".into(),
+                db,
+                rows: vec![vec![Some(MyValue::Int(1))]],
+                next: None,
+                at: ChunkAt::View { file: file.clone(), pos: 500 },
+                ts_ms: 0,
+            }),
+            retry_after: None,
+            failures: 0,
+            table: None,
+            started: Instant::now(),
+        };
+        assert!(chunks.due_before(&file, 500) && !chunks.due_before(&file, 499));
+        assert!(chunks.emit(&mut cap, &file, 500).is_empty(), "dropped, to be read again");
+        assert!(chunks.wants_read((&file, 500), false), "read again at once");
+        assert_eq!(chunks.progress().map(|p| p.table), Some("t".to_owned()));
+    }
+
     #[test]
     fn keys_of_chunk_and_stream_rows_match_as_text() {
         let row = [Value::Int(7), Value::Str("x".into())];
