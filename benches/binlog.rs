@@ -72,6 +72,7 @@ async fn main() {
         server_id,
         include: Vec::new(),
         server_name: "erp".into(),
+        snapshot: caudal::config::spec::SnapshotMode::default(),
     };
 
     // ---- 1. decode rate -------------------------------------------------------
@@ -204,6 +205,7 @@ async fn main() {
         server_id: 9003,
         include: Vec::new(),
         server_name: "erp".into(),
+        snapshot: caudal::config::spec::SnapshotMode::default(),
     });
     spec.store = Some(caudal::config::spec::StoreSpec::Sqlite { path: store.clone() });
     let shutdown = CancellationToken::new();

@@ -132,6 +132,7 @@ pub fn build_source(spec: &PipelineSpec, threads: usize) -> Box<dyn Source> {
                 server_id: m.server_id,
                 include: m.include.clone(),
                 server_name: m.server_name.clone(),
+                snapshot: m.snapshot,
             },
             spec.catalog.clone(),
         )),

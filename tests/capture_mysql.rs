@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use caudal::capture::mysql::{MysqlCheckpoint, MysqlSource, MysqlSourceConfig};
+use caudal::capture::mysql::{
+    MysqlCheckpoint, MysqlSource, MysqlSourceConfig, SnapshotMode, SnapshotStage,
+};
 use caudal::capture::{CaptureError, Source};
 use caudal::event::{
     Catalog, Change, Checkpoint, Column, ColumnType, Event, Op, Position, Snapshot, TableSchema,
@@ -41,12 +43,23 @@ pub(crate) struct Running {
     handle: JoinHandle<Result<(), CaptureError>>,
 }
 
+/// The source with the default (incremental) snapshot.
 pub(crate) fn start(url: &str, catalog: &Arc<Catalog>, resume: Option<Checkpoint>) -> Running {
+    start_with(url, catalog, resume, SnapshotMode::default())
+}
+
+pub(crate) fn start_with(
+    url: &str,
+    catalog: &Arc<Catalog>,
+    resume: Option<Checkpoint>,
+    snapshot: SnapshotMode,
+) -> Running {
     let config = MysqlSourceConfig {
         url: url.to_owned(),
         server_id: 4242,
         include: Vec::new(),
         server_name: "erp".into(),
+        snapshot,
     };
     // Logs show up in a failing test's output (RUST_LOG overrides the filter).
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "caudal=info".into());
@@ -460,9 +473,54 @@ async fn a_purged_binlog_is_a_definite_error_with_the_resnapshot_hint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interrupted_snapshot_resumes_at_its_next_chunk() {
+async fn an_interrupted_consistent_snapshot_resumes_at_its_next_chunk() {
     let server = MariaDb::start();
     let db = "cdc_snapshot_resume";
+    server.create_db(db).await;
+    server
+        .exec(
+            db,
+            &[
+                "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20))",
+                "INSERT INTO t SELECT seq, 'v' FROM seq_1_to_1200",
+            ],
+        )
+        .await;
+    let catalog =
+        Arc::new(Catalog::new(vec![table("t", &[("id", "int"), ("v", "string")], &["id"])]));
+    let consistent = SnapshotMode::Consistent;
+    let mut first = start_with(&server.url(db), &catalog, None, consistent);
+    let chunk = first.batches(500).await;
+    first.stop().await;
+    let (rows, cp) = &chunk[0];
+    let progress = checkpoint(cp).snapshot.expect("snapshot unfinished");
+    assert_eq!(progress.after, Some(vec![serde_json::json!(500)]), "{progress:?}");
+    assert_eq!(progress.stage, SnapshotStage::Consistent);
+    let first_pos = binlog_pos(&rows[0]);
+
+    // Written between the two snapshot views: read by the second view and replayed
+    // by the binlog from the first view's position (at least once, no gap).
+    server.exec(db, &["INSERT INTO t VALUES (5000, 'late')"]).await;
+    let mut second = start_with(&server.url(db), &catalog, Some(cp.clone()), consistent);
+    let got = second.changes(702).await;
+    second.stop().await;
+
+    let reads: Vec<&Change> = got.iter().filter(|c| c.op == Op::Read).collect();
+    let ids: Vec<Value> = reads.iter().map(|c| value(&catalog, c, "id").clone()).collect();
+    let mut want: Vec<Value> = (501..=1200).map(Value::Int).collect();
+    want.push(Value::Int(5000));
+    assert_eq!(ids, want, "the snapshot continues after key 500");
+    assert_eq!(reads.last().expect("reads").source.snapshot, Snapshot::Last);
+    assert!(reads.iter().all(|c| binlog_pos(c) == first_pos), "streaming starts at the first view");
+    let last = got.last().expect("changes");
+    assert_eq!((last.op, value(&catalog, last, "id")), (Op::Insert, &Value::Int(5000)));
+    assert_eq!(got[0].origin, 501, "origins continue from the checkpoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_incremental_snapshot_resumes_at_its_next_chunk_in_binlog_order() {
+    let server = MariaDb::start();
+    let db = "cdc_incremental_resume";
     server.create_db(db).await;
     server
         .exec(
@@ -478,28 +536,158 @@ async fn an_interrupted_snapshot_resumes_at_its_next_chunk() {
     let mut first = start(&server.url(db), &catalog, None);
     let chunk = first.batches(500).await;
     first.stop().await;
-    let (rows, cp) = &chunk[0];
+    let (rows, cp) = chunk.last().expect("batches");
+    assert_eq!(rows.len(), 500, "one chunk per batch");
     let progress = checkpoint(cp).snapshot.expect("snapshot unfinished");
-    assert_eq!(progress.after, Some(vec![serde_json::json!(500)]), "{progress:?}");
-    let first_pos = binlog_pos(&rows[0]);
+    assert_eq!(progress.stage, SnapshotStage::Chunks);
+    assert_eq!(
+        (progress.table.as_str(), progress.after.clone()),
+        ("t", Some(vec![serde_json::json!(500)]))
+    );
+    let (_, _, row) = binlog_pos(&rows[0]);
+    assert_eq!(row, u32::MAX, "a chunk sits after every change before its point");
 
-    // Written between the two snapshot views: read by the second view and replayed
-    // by the binlog from the first view's position (at least once, no gap).
-    server.exec(db, &["INSERT INTO t VALUES (5000, 'late')"]).await;
+    // While caudal is down: a change to a row already read, one to a row not yet
+    // read, and a new row past the last key.
+    server
+        .exec(
+            db,
+            &[
+                "UPDATE t SET v = 'read' WHERE id = 100",
+                "UPDATE t SET v = 'unread' WHERE id = 900",
+                "INSERT INTO t VALUES (5000, 'late')",
+            ],
+        )
+        .await;
     let mut second = start(&server.url(db), &catalog, Some(cp.clone()));
-    let got = second.changes(702).await;
-    second.stop().await;
-
-    let reads: Vec<&Change> = got.iter().filter(|c| c.op == Op::Read).collect();
+    // Streamed from the checkpoint: the three changes; then the next chunks, read
+    // after them (so holding them), each exactly once.
+    let got = second.changes(3 + 500 + 201).await;
+    let ops: Vec<Op> = got.iter().take(3).map(|c| c.op).collect();
+    assert_eq!(ops, [Op::Update, Op::Update, Op::Insert]);
+    let reads: Vec<&Change> = got[3..].iter().collect();
+    assert!(reads.iter().all(|c| c.op == Op::Read));
     let ids: Vec<Value> = reads.iter().map(|c| value(&catalog, c, "id").clone()).collect();
     let mut want: Vec<Value> = (501..=1200).map(Value::Int).collect();
     want.push(Value::Int(5000));
-    assert_eq!(ids, want, "the snapshot continues after key 500");
+    assert_eq!(ids, want, "the snapshot continues after key 500, once");
+    let r900 = reads.iter().find(|c| value(&catalog, c, "id") == &Value::Int(900)).expect("900");
+    assert_eq!(value(&catalog, r900, "v").as_str(), Some("unread"), "a chunk is read at its point");
     assert_eq!(reads.last().expect("reads").source.snapshot, Snapshot::Last);
-    assert!(reads.iter().all(|c| binlog_pos(c) == first_pos), "streaming starts at the first view");
-    let last = got.last().expect("changes");
-    assert_eq!((last.op, value(&catalog, last, "id")), (Op::Insert, &Value::Int(5000)));
+    assert!(reads[..reads.len() - 1].iter().all(|c| c.source.snapshot == Snapshot::True));
+    for pair in got.windows(2) {
+        let (a, b) = (&pair[0].source.position, &pair[1].source.position);
+        assert!(a <= b, "binlog order: {a:?} then {b:?}");
+    }
     assert_eq!(got[0].origin, 501, "origins continue from the checkpoint");
+
+    // After the snapshot, streaming goes on.
+    server.exec(db, &["DELETE FROM t WHERE id = 1"]).await;
+    let after = second.changes(1).await;
+    assert_eq!((after[0].op, value(&catalog, &after[0], "id")), (Op::Delete, &Value::Int(1)));
+    assert!(after[0].source.position > reads.last().expect("reads").source.position);
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_during_an_incremental_snapshot_reaches_the_later_chunks() {
+    let server = MariaDb::start();
+    let db = "cdc_incremental_ddl";
+    server.create_db(db).await;
+    server
+        .exec(
+            db,
+            &[
+                "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20))",
+                // Many more chunks than the bus holds, so the snapshot is mid-way
+                // when the column comes.
+                "INSERT INTO t SELECT seq, 'v' FROM seq_1_to_6000",
+            ],
+        )
+        .await;
+    let catalog = Arc::new(Catalog::new(vec![table(
+        "t",
+        &[("id", "int"), ("v", "string"), ("w", "int")],
+        &["id"],
+    )]));
+    server.exec(db, &["CREATE TABLE other (id INT PRIMARY KEY)"]).await;
+    let mut run = start(&server.url(db), &catalog, None);
+    let mut got = run.changes(500).await;
+    // While the source waits for the full bus: transactions of a table it does not
+    // capture, then the column. Once let go, the stream is behind the server, so
+    // the next chunk is read (at the server's position, after the column) with the
+    // schema of the stream's point, before the column: by the time the stream
+    // reaches the chunk's point it knows the column, and the chunk is read again.
+    let others: Vec<String> =
+        (1..=300).map(|i| format!("INSERT INTO other VALUES ({i})")).collect();
+    let mut writes: Vec<&str> = others.iter().map(String::as_str).collect();
+    writes.extend([
+        "ALTER TABLE t ADD COLUMN w INT NOT NULL DEFAULT 7",
+        "INSERT INTO t VALUES (9000, 'new', 9)",
+    ]);
+    server.exec(db, &writes).await;
+    got.extend(run.changes(6000 - 500 + 2).await);
+    run.assert_quiet(Duration::from_millis(300)).await;
+    run.stop().await;
+
+    let mut ids: Vec<i64> = Vec::new();
+    let mut seen_new_column = false;
+    for c in got.iter().filter(|c| c.op == Op::Read) {
+        let Value::Int(id) = value(&catalog, c, "id") else { panic!("id") };
+        ids.push(*id);
+        match value(&catalog, c, "w") {
+            Value::Int(7) => seen_new_column = true,
+            Value::Int(9) if *id == 9000 => {}
+            Value::Null => {
+                assert!(!seen_new_column, "row {id}: a chunk read after the column lacks it")
+            }
+            other => panic!("row {id}: w = {other:?}"),
+        }
+    }
+    let mut want: Vec<i64> = (1..=6000).collect();
+    want.push(9000);
+    assert_eq!(ids, want, "every row read once, in key order");
+    assert!(seen_new_column, "the later chunks carry the new column");
+    let last_read = got.iter().rfind(|c| c.op == Op::Read).expect("reads");
+    assert_eq!(value(&catalog, last_read, "w"), &Value::Int(9), "row 9000 as inserted");
+    let insert = got.iter().find(|c| c.op == Op::Insert).expect("the streamed insert");
+    assert_eq!(value(&catalog, insert, "w"), &Value::Int(9));
+    assert!(got.iter().all(|c| c.extra.is_none()), "no undeclared column");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_included_on_restart_joins_the_incremental_snapshot() {
+    let server = MariaDb::start();
+    let db = "cdc_incremental_join";
+    let catalog = three_row_table(&server, db).await;
+    server
+        .exec(
+            db,
+            &[
+                "CREATE TABLE later (id INT PRIMARY KEY, v VARCHAR(20))",
+                "INSERT INTO later SELECT seq, 'l' FROM seq_1_to_700",
+            ],
+        )
+        .await;
+    let mut first = start(&server.url(db), &catalog, None);
+    let batches = first.batches(3).await;
+    first.stop().await;
+    let cp = batches.last().expect("batches").1.clone();
+    assert!(checkpoint(&cp).snapshot.is_none(), "the first snapshot finished");
+
+    // Declared after the first snapshot: it is read (in chunks, while streaming)
+    // when the pipeline restarts; the table already read is not read again.
+    let t = catalog.table(0).clone();
+    let later = table("later", &[("id", "int"), ("v", "string")], &["id"]);
+    let catalog = Arc::new(Catalog::new(vec![t, later]));
+    let mut second = start(&server.url(db), &catalog, Some(cp));
+    let got = second.changes(700).await;
+    second.assert_quiet(Duration::from_millis(300)).await;
+    second.stop().await;
+    assert!(got.iter().all(|c| c.op == Op::Read && c.table == 1), "only the new table is read");
+    let ids: Vec<Value> = got.iter().map(|c| value(&catalog, c, "id").clone()).collect();
+    assert_eq!(ids, (1..=700).map(Value::Int).collect::<Vec<_>>());
+    assert_eq!(got.last().expect("reads").source.snapshot, Snapshot::Last);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

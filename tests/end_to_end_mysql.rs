@@ -6,6 +6,8 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
@@ -76,6 +78,7 @@ fn pipeline(dir: &Path, url: &str) -> std::path::PathBuf {
         .expect("example pipeline")
         .replace("mysql://caudal:secret@127.0.0.1:3306/erp_db", url)
         .replace("trigger_interval = \"1s\"", "trigger_interval = \"100ms\"");
+    assert!(text.contains("snapshot = \"incremental\""), "the example names its snapshot mode");
     let path = dir.join("erp_mysql.toml");
     std::fs::write(&path, text).expect("write pipeline");
     path
@@ -190,24 +193,251 @@ fn captured_gold_equals_the_gold_query_on_mariadb() {
     assert_eq!(count(&sqlite, "SELECT COUNT(*) FROM silver_order_items"), items);
 }
 
-#[test]
-fn kill_nine_during_snapshot_and_stream_loses_and_doubles_nothing() {
-    let (db, url, _dir, store, pipeline) = erp_capture();
+/// The source checkpoint the store holds, if any.
+fn stored_checkpoint(store: &Path) -> Option<String> {
+    let db = rusqlite::Connection::open_with_flags(
+        store,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    db.query_row(r#"SELECT "checkpoint" FROM "caudal_checkpoint""#, [], |r| r.get(0)).ok()
+}
+
+/// Silver holds exactly the source rows (no duplicates, none lost).
+fn assert_silver_equals_source(db: &MariaDb, store: &Path) {
+    let sqlite = rusqlite::Connection::open(store).expect("open store");
+    for table in ["customers", "products", "employees", "orders", "payments"] {
+        let want: i64 = runtime().block_on(async {
+            let mut conn = db.conn("erp_db").await;
+            let n: Option<i64> =
+                conn.query_first(format!("SELECT COUNT(*) FROM {table}")).await.expect("count");
+            n.unwrap_or(-1)
+        });
+        let got = count(&sqlite, &format!("SELECT COUNT(*) FROM silver_{table}"));
+        assert_eq!(got, want, "silver_{table} rows");
+    }
+}
+
+/// Kills `caudal run` with SIGKILL three times while its snapshot is unfinished
+/// (the stored checkpoint says so), each time right after a commit, with the ERP
+/// writing throughout; the fourth run must end with the store equal to MariaDB.
+fn kill_nine_mid_snapshot(mode: &str, unfinished: &str) {
+    let (db, url, dir, store, _) = erp_capture();
+    let pipeline = dir.path().join(format!("erp_{mode}.toml"));
+    let text = std::fs::read_to_string(self::pipeline(dir.path(), &url)).expect("pipeline");
+    // Frequent commits, so each run commits mid-snapshot before it is killed.
+    let text = text
+        .replace("snapshot = \"incremental\"", &format!("snapshot = \"{mode}\""))
+        .replace("trigger_interval = \"100ms\"", "trigger_interval = \"20ms\"");
+    std::fs::write(&pipeline, text).expect("write pipeline");
 
     // A snapshot big enough to be interrupted, then changes while caudal is killed.
-    let mut seed = spawn_simulate(&url, 20_000, "max");
+    let mut seed = spawn_simulate(&url, 60_000, "max");
     assert!(seed.wait().expect("wait").success());
     let mut sim = spawn_simulate(&url, 40_000, "4000/s");
-    for wait_ms in [150, 700, 1200] {
+    let mut kills = Vec::new();
+    for _ in 0..3 {
+        let before = stored_checkpoint(&store);
         let mut run = spawn_run(&pipeline, &store);
-        std::thread::sleep(Duration::from_millis(wait_ms));
+        let started = Instant::now();
+        // Kill as soon as this run committed a checkpoint of an unfinished snapshot.
+        loop {
+            let cp = stored_checkpoint(&store);
+            if cp != before && cp.as_deref().is_some_and(|c| c.contains(unfinished)) {
+                kills.push(cp);
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no unfinished snapshot checkpoint ({unfinished}); last: {cp:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         run.kill().expect("SIGKILL");
         run.wait().expect("reap");
     }
     let run = spawn_run(&pipeline, &store);
     assert!(sim.wait().expect("wait simulate").success());
-    wait_for_equal(&db, &store, Duration::from_secs(90));
+    wait_for_equal(&db, &store, Duration::from_secs(120));
     stop(run);
+    assert_silver_equals_source(&db, &store);
+    assert_eq!(kills.len(), 3);
+}
+
+#[test]
+fn kill_nine_mid_incremental_snapshot_and_stream_loses_and_doubles_nothing() {
+    kill_nine_mid_snapshot("incremental", r#""stage":"chunks""#);
+}
+
+#[test]
+fn kill_nine_mid_consistent_snapshot_and_stream_loses_and_doubles_nothing() {
+    kill_nine_mid_snapshot("consistent", r#""snapshot":{"#);
+}
+
+/// What one snapshot of the big table showed.
+struct SnapshotRun {
+    seconds: f64,
+    writes: i64,
+    /// Sightings of caudal's InnoDB transactions.
+    sightings: usize,
+    /// The largest age seen, as now minus `trx_started`. That column has whole
+    /// seconds, so the transaction was open at least this minus one second.
+    oldest: Duration,
+}
+
+const BIG_ROWS: i64 = 800_000;
+
+/// Snapshots `big.t` in `mode` into a new store while the ERP writes to it, and
+/// watches the InnoDB transactions of every connection but the ERP's and the
+/// watcher's; returns once the store equals the table.
+fn snapshot_under_writes(db: &Arc<MariaDb>, mode: &str, server_id: u32) -> SnapshotRun {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = dir.path().join("big.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\ntrigger_interval = \"100ms\"\n[source]\ntype = \"mysql\"\nurl = {:?}\n\
+             server_id = {server_id}\nsnapshot = \"{mode}\"\n[store]\ntype = \"sqlite\"\npath = \"unused.db\"\n\
+             [tables.t]\nkey = [\"id\"]\ncolumns = {{ id = \"int\", a = \"string\", n = \"int\" }}\n",
+            db.url("big")
+        ),
+    )
+    .expect("write pipeline");
+    let store = dir.path().join("big.db");
+    let done = Arc::new(AtomicBool::new(false));
+
+    // The ERP: updates spread over the table and new rows, until the snapshot ends.
+    let writes = Arc::new(AtomicI64::new(0));
+    // The ERP's connection id: its own transactions are not caudal's.
+    let erp_thread = Arc::new(AtomicI64::new(-1));
+    let writer = {
+        let (db, done, writes) = (db.clone(), done.clone(), writes.clone());
+        let erp_thread = erp_thread.clone();
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                let mut conn = db.conn("big").await;
+                let id: Option<i64> =
+                    conn.query_first("SELECT CONNECTION_ID()").await.expect("connection id");
+                erp_thread.store(id.expect("an id"), Ordering::SeqCst);
+                let first: Option<i64> =
+                    conn.query_first("SELECT MAX(id) FROM t").await.expect("max id");
+                let first = first.expect("rows");
+                let mut i: i64 = 0;
+                while !done.load(Ordering::Relaxed) {
+                    i += 1;
+                    let sql = if i % 10 == 0 {
+                        format!("INSERT INTO t VALUES ({}, 'new', 1)", first + i)
+                    } else {
+                        format!("UPDATE t SET n = n + 1 WHERE id = {}", (i * 7919) % BIG_ROWS + 1)
+                    };
+                    conn.query_drop(sql).await.expect("erp write");
+                    writes.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        })
+    };
+    while erp_thread.load(Ordering::SeqCst) < 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Every 150 ms, the age of the InnoDB transactions open.
+    let poller = {
+        let (db, done) = (db.clone(), done.clone());
+        let erp_thread = erp_thread.load(Ordering::SeqCst);
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                let mut conn = db.conn("big").await;
+                let (mut sightings, mut oldest_us) = (0usize, 0i64);
+                while !done.load(Ordering::Relaxed) {
+                    let ages: Vec<i64> = conn
+                        .exec(
+                            "SELECT TIMESTAMPDIFF(MICROSECOND, trx_started, NOW(6)) \
+                             FROM information_schema.innodb_trx \
+                             WHERE trx_mysql_thread_id NOT IN (CONNECTION_ID(), ?)",
+                            (erp_thread,),
+                        )
+                        .await
+                        .expect("innodb_trx");
+                    sightings += ages.len();
+                    oldest_us = ages.into_iter().fold(oldest_us, i64::max);
+                    // InnoDB refreshes this table's cache only when it was not
+                    // read for 100 ms: polling faster would see a frozen copy.
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+                (sightings, Duration::from_micros(u64::try_from(oldest_us).unwrap_or(0)))
+            })
+        })
+    };
+
+    let started = Instant::now();
+    let run = spawn_run(&pipeline, &store);
+    // The snapshot is over once the stored checkpoint no longer names one and
+    // every row of the table is in.
+    loop {
+        let cp = stored_checkpoint(&store);
+        let in_silver = rusqlite::Connection::open(&store)
+            .ok()
+            .and_then(|c| c.query_row("SELECT count(*) FROM silver_t", [], |r| r.get(0)).ok())
+            .unwrap_or(0i64);
+        if in_silver >= BIG_ROWS && cp.as_deref().is_some_and(|c| !c.contains("\"snapshot\"")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "the snapshot did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let (sightings, oldest) = poller.join().expect("poller");
+
+    // Then the store equals the table, changes during the snapshot included.
+    let (want_rows, want_sum) = runtime().block_on(async {
+        let mut conn = db.conn("big").await;
+        let r: Option<(i64, i64)> =
+            conn.query_first("SELECT COUNT(*), SUM(n) FROM t").await.expect("count");
+        r.expect("a row")
+    });
+    let sql = "SELECT count(*) || '|' || sum(n) FROM silver_t";
+    wait_for_rows(&store, sql, &[format!("{want_rows}|{want_sum}")], Duration::from_secs(60));
+    stop(run);
+    let run = SnapshotRun { seconds, writes: writes.load(Ordering::Relaxed), sightings, oldest };
+    eprintln!(
+        "{mode} snapshot of {BIG_ROWS} rows with {} ERP writes: {:.1} s; {} sightings of \
+         caudal's InnoDB transactions, the oldest seen {:?} after its trx_started (whole seconds)",
+        run.writes, run.seconds, run.sightings, run.oldest
+    );
+    run
+}
+
+#[test]
+fn the_incremental_snapshot_holds_no_long_transaction_while_the_erp_writes() {
+    let db = Arc::new(MariaDb::start());
+    runtime().block_on(async {
+        db.create_db("big").await;
+        db.exec(
+            "big",
+            &[
+                "CREATE TABLE t (id INT PRIMARY KEY, a VARCHAR(20), n INT NOT NULL)",
+                "INSERT INTO t SELECT seq, CONCAT('row ', seq), 0 FROM seq_1_to_800000",
+            ],
+        )
+        .await;
+    });
+    // The control: the watch sees the consistent snapshot's one long transaction.
+    let consistent = snapshot_under_writes(&db, "consistent", 80);
+    assert!(
+        consistent.oldest >= Duration::from_secs(1),
+        "the watch did not see the consistent snapshot's transaction: {:?}",
+        consistent.oldest
+    );
+    let incremental = snapshot_under_writes(&db, "incremental", 79);
+    assert!(incremental.writes > 0, "the ERP wrote during the snapshot");
+    // Seen 2 s after its whole-second start, a transaction was open 1 s or more.
+    assert!(
+        incremental.oldest < Duration::from_secs(2),
+        "a transaction was open 1 s or more ({:?} after its trx_started)",
+        incremental.oldest
+    );
 }
 
 /// Waits until `sql` on the store returns `want`.

@@ -155,6 +155,11 @@ pub enum RawSource {
         include: Vec<String>,
         /// The logical server name (Debezium's `source.name`, the topic prefix).
         server_name: Option<String>,
+        /// How the initial snapshot is read: `"incremental"` (default: primary-key
+        /// chunks in short transactions while the binlog streams, the DBLog
+        /// watermark method) or `"consistent"` (every table in one long
+        /// consistent-snapshot transaction, then the binlog).
+        snapshot: Option<String>,
     },
     /// Kafka topics of Debezium envelopes (written by `caudal capture` or by Debezium).
     Kafka {

@@ -138,6 +138,30 @@ pub struct MysqlSpec {
     pub server_id: u32,
     pub include: Vec<String>,
     pub server_name: String,
+    pub snapshot: SnapshotMode,
+}
+
+/// How the `mysql` source reads its initial snapshot (`source.snapshot`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Primary-key chunks, each in its own short consistent-snapshot transaction,
+    /// merged into the binlog stream at the chunk's binlog position (DBLog). The
+    /// default: no transaction stays open longer than one chunk, so the server's
+    /// MVCC history does not grow with the size of the tables.
+    #[default]
+    Incremental,
+    /// Every table in one consistent-snapshot transaction, then the binlog.
+    Consistent,
+}
+
+impl SnapshotMode {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "incremental" => Some(Self::Incremental),
+            "consistent" => Some(Self::Consistent),
+            _ => None,
+        }
+    }
 }
 
 /// The URL may hold a password: never print it.
@@ -147,6 +171,7 @@ impl std::fmt::Debug for MysqlSpec {
             .field("server_id", &self.server_id)
             .field("include", &self.include)
             .field("server_name", &self.server_name)
+            .field("snapshot", &self.snapshot)
             .finish_non_exhaustive()
     }
 }
@@ -536,7 +561,7 @@ fn store_spec(p: &mut Problems, raw: &RawStore) -> StoreSpec {
 fn source_spec(p: &mut Problems, raw: &RawSource) -> SourceSpec {
     match raw {
         RawSource::File { path, follow } => SourceSpec::File { path: path.into(), follow: *follow },
-        RawSource::Mysql { url, server_id, include, server_name } => {
+        RawSource::Mysql { url, server_id, include, server_name, snapshot } => {
             if !(url.starts_with("mysql://") || url.starts_with("mariadb://")) {
                 p.hint(
                     "source.url",
@@ -559,11 +584,28 @@ fn source_spec(p: &mut Problems, raw: &RawSource) -> SourceSpec {
                     }
                 },
             };
+            let snapshot = match snapshot.as_deref() {
+                None => SnapshotMode::default(),
+                Some(text) => SnapshotMode::parse(text).unwrap_or_else(|| {
+                    let message = "must be \"incremental\" or \"consistent\"";
+                    match did_you_mean(text, ["incremental", "consistent"]) {
+                        Some(m) => p.hint(
+                            "source.snapshot",
+                            Some(quote(text)),
+                            message,
+                            format!("did you mean `{m}`?"),
+                        ),
+                        None => p.add("source.snapshot", Some(quote(text)), message),
+                    }
+                    SnapshotMode::default()
+                }),
+            };
             SourceSpec::Mysql(MysqlSpec {
                 url: url.replacen("mariadb://", "mysql://", 1),
                 server_id,
                 include: include.clone(),
                 server_name: server_name.clone().unwrap_or_else(|| "caudal".into()),
+                snapshot,
             })
         }
         RawSource::Simulate {

@@ -37,6 +37,7 @@ use mysql_async::{BinlogStreamRequest, Conn, Opts, Row};
 
 use super::ddl::{self, Ddl};
 use super::gtid::{Gtid, GtidSet};
+use super::incremental::Chunks;
 use super::schema::{self, driver_error, DbTable};
 use super::{
     connect, send, Capture, MysqlCheckpoint, RowChange, Schemas, BATCH_INTERVAL, BATCH_ROWS,
@@ -131,8 +132,11 @@ impl Cursor {
         let bookkept = !artificial
             && log_pos != 0
             && !matches!(event_type, ROTATE | FORMAT_DESCRIPTION | HEARTBEAT_EVENT | HEARTBEAT_V2);
+        // Never backwards: a stream resumed by GTID starts with the header events of
+        // the file (format description, GTID list), whose offsets are before the
+        // checkpoint's; an incremental snapshot's chunk may take a checkpoint then.
         if bookkept && !self.in_txn {
-            self.resume = log_pos;
+            self.resume = self.resume.max(log_pos);
         }
     }
 
@@ -184,11 +188,20 @@ impl Cursor {
     }
 }
 
+/// The checkpoint of the stream now, with the incremental snapshot's progress.
+fn checkpoint_now(cursor: &Cursor, cap: &Capture, chunks: Option<&Chunks>) -> MysqlCheckpoint {
+    let mut cp = cursor.checkpoint(cap.origin, &cap.schemas);
+    cp.snapshot = chunks.and_then(Chunks::progress);
+    cp
+}
+
 /// Streams the binlog from `start` until shutdown; `checkpoint` follows the last
-/// batch sent.
+/// batch sent. With `chunks`, the chunks of an incremental snapshot are read
+/// between events and merged into the stream (see [`super::incremental`]).
 ///
 /// # Errors
 /// Transient on connection loss (the caller reconnects), definite on refusals.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn stream(
     cap: &mut Capture,
     opts: &Opts,
@@ -197,6 +210,7 @@ pub(crate) async fn stream(
     checkpoint: &mut Option<MysqlCheckpoint>,
     out: &bus::Sender,
     shutdown: &tokio_util::sync::CancellationToken,
+    mut chunks: Option<Chunks>,
 ) -> Result<(), CaptureError> {
     let mariadb = cap.server.mariadb;
     // Resume by GTID when the checkpoint has a GTID position and the server GTIDs;
@@ -271,17 +285,24 @@ pub(crate) async fn stream(
     );
 
     let mut cursor = Cursor::new(&start, gtids);
+    // The end of the last event read: where the stream stands against a chunk's
+    // binlog point.
+    let mut read_to: (Arc<str>, u64) = (cursor.file.clone(), start.pos);
     // The newest upstream time the stream is known to be complete up to.
     let mut caught_up_ms: Option<i64> = None;
     let mut heartbeat = false;
     let mut pending: Vec<Event> = Vec::new();
     let mut pending_since = Instant::now();
     let mut sent = start.clone();
+    sent.snapshot = chunks.as_ref().and_then(Chunks::progress);
     let mut sent_at = Instant::now();
     let mut tick = tokio::time::interval(BATCH_INTERVAL / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
+        // A chunk to read does not wait for the next tick when no event is ready.
+        let chunk_now =
+            chunks.as_ref().is_some_and(|c| c.wants_read((&read_to.0, read_to.1), cursor.in_txn));
         let next = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
@@ -291,6 +312,7 @@ pub(crate) async fn stream(
                 return Ok(());
             }
             next = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => Some(next),
+            () = std::future::ready(()), if chunk_now => None,
             _ = tick.tick() => None,
         };
         if let Some(next) = next {
@@ -331,10 +353,32 @@ pub(crate) async fn stream(
                     cursor.begin_gtid(g);
                 }
             }
+            let counted = !artificial
+                && log_pos != 0
+                && !matches!(
+                    event_type,
+                    ROTATE | FORMAT_DESCRIPTION | HEARTBEAT_EVENT | HEARTBEAT_V2
+                );
+            if let Some(c) = chunks.as_mut() {
+                let start = log_pos.saturating_sub(u64::from(header.event_size()));
+                if counted && c.due_before(&cursor.file, start) {
+                    // This event is after the chunk's point: the chunk goes first.
+                    let events = c.emit(cap, &cursor.file, cursor.resume);
+                    if pending.is_empty() && !events.is_empty() {
+                        pending_since = Instant::now();
+                    }
+                    pending.extend(events);
+                }
+            }
             if matches!(event_type, HEARTBEAT_EVENT | HEARTBEAT_V2) {
                 // The server had nothing more to send: caught up as of now.
                 caught_up_ms = Some(super::now_ms());
                 heartbeat = true;
+                // Its offset is where the server's reading stands in the current
+                // file: everything before it was sent.
+                if log_pos > read_to.1 && *read_to.0 == *cursor.file {
+                    read_to.1 = log_pos;
+                }
             } else if !artificial && header.timestamp() != 0 {
                 let ts = i64::from(header.timestamp()) * 1000;
                 caught_up_ms = Some(caught_up_ms.map_or(ts, |c| c.max(ts)));
@@ -467,6 +511,11 @@ pub(crate) async fn stream(
                         if before_len == 0 && pending.len() > before_len {
                             pending_since = Instant::now();
                         }
+                        if let Some(c) = chunks.as_mut() {
+                            let point = (&cursor.file, log_pos);
+                            let gtids = cursor.gtids.as_ref();
+                            c.record(cap, &table, point, gtids, &pending[before_len..]);
+                        }
                     }
                 }
                 Some(EventData::GtidEvent(g)) => {
@@ -482,17 +531,38 @@ pub(crate) async fn stream(
                 _ => {}
             }
             cursor.advance(event_type, log_pos, artificial, query_text.as_deref());
+            if counted {
+                if *read_to.0 == *cursor.file {
+                    read_to.1 = read_to.1.max(log_pos);
+                } else {
+                    read_to = (cursor.file.clone(), log_pos);
+                }
+            }
+        }
+
+        if let Some(c) = chunks.as_mut() {
+            if c.wants_read((&read_to.0, read_to.1), cursor.in_txn) {
+                // The stream waits while the chunk is read (one short transaction).
+                c.read(cap, (&read_to.0, read_to.1)).await?;
+            }
+            if c.due((&read_to.0, read_to.1), cursor.gtids.as_ref(), cursor.in_txn) {
+                let events = c.emit(cap, &cursor.file, cursor.resume);
+                if pending.is_empty() && !events.is_empty() {
+                    pending_since = Instant::now();
+                }
+                pending.extend(events);
+            }
         }
 
         let due = pending.len() >= BATCH_ROWS
             || (!pending.is_empty() && pending_since.elapsed() >= BATCH_INTERVAL)
             || (pending.is_empty()
                 && sent_at.elapsed() >= IDLE_CHECKPOINT
-                && cursor.checkpoint(cap.origin, &cap.schemas) != sent)
+                && checkpoint_now(&cursor, cap, chunks.as_ref()) != sent)
             || (pending.is_empty() && heartbeat);
         if due {
             heartbeat = false;
-            let cp = cursor.checkpoint(cap.origin, &cap.schemas);
+            let cp = checkpoint_now(&cursor, cap, chunks.as_ref());
             let batch = Batch {
                 events: std::mem::take(&mut pending),
                 checkpoint: cp.token(),
@@ -813,6 +883,9 @@ mod tests {
         c.advance(FORMAT_DESCRIPTION, 256, false, None);
         c.advance(HEARTBEAT_EVENT, 0, true, None);
         assert_eq!(c.resume, 100);
+        // The GTID list at the head of the file of a GTID resume.
+        c.advance(163, 60, false, None);
+        assert_eq!(c.resume, 100, "never backwards");
         c.rotate("mysql-bin.000002", 4);
         assert_eq!((&*c.file, c.resume), ("mysql-bin.000002", 4));
     }

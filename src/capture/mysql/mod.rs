@@ -1,4 +1,5 @@
-//! MySQL / MariaDB binlog capture: a consistent snapshot, then the binlog.
+//! MySQL / MariaDB binlog capture: a snapshot merged with, or followed by, the
+//! binlog.
 //!
 //! **Connect.** The source connects with `source.url` (the database in its path is
 //! the one captured) and checks the server ([`schema::check_server`]): binlog on,
@@ -6,23 +7,36 @@
 //! `REPLICATION CLIENT` grants; anything missing is a definite error naming the
 //! setting or grant and the fix.
 //!
-//! **Snapshot** ([`snapshot`]). Without a checkpoint, the included tables are read
-//! in one consistent-snapshot transaction (MariaDB reports the binlog position of
-//! that snapshot; MySQL briefly takes a global read lock to read it), table after
-//! table in primary-key chunks, as op `r` changes carrying the snapshot's binlog
-//! position; the last row is marked `snapshot = last`. The view's position is also
-//! read as a GTID position (MariaDB: `BINLOG_GTID_POS` of the view's file/offset;
-//! MySQL: `Executed_Gtid_Set` under the same read lock), so both name one point.
-//! Each table logs its progress (rows read against the server's row estimate).
-//! Every chunk is a batch whose
-//! checkpoint records the table and last key read, so an interrupted snapshot
-//! resumes at its next chunk. The resumed part is read in a new, later snapshot;
-//! streaming still starts at the first snapshot's position, so the binlog between
-//! the two replays changes to rows already read: row images are full, so the end
-//! state is the same (at least once, never a gap).
+//! **Snapshot**, in one of two modes (`source.snapshot`, [`SnapshotMode`]); a
+//! snapshot a restart finds unfinished goes on in the mode it started in (the
+//! checkpoint's [`SnapshotStage`]).
+//!
+//! - *Incremental* (the default; [`incremental`]): streaming starts at once, from
+//!   the position of a first short view that reads the tables without a primary
+//!   key; the other tables are read in primary-key chunks, each in its own short
+//!   transaction, and each chunk goes into the change stream at the binlog point it
+//!   is the state of (DBLog). No transaction lasts longer than a chunk. A restart
+//!   resumes the stream at its checkpoint and the snapshot at the next chunk, each
+//!   row read once.
+//! - *Consistent* ([`snapshot`]): without a checkpoint, the included tables are
+//!   read in one consistent-snapshot transaction (MariaDB reports the binlog
+//!   position of that snapshot; MySQL briefly takes a global read lock to read it),
+//!   table after table in primary-key chunks, as op `r` changes carrying the
+//!   snapshot's binlog position; the last row is marked `snapshot = last`. The
+//!   view's position is also read as a GTID position (MariaDB: `BINLOG_GTID_POS` of
+//!   the view's file/offset; MySQL: `Executed_Gtid_Set` under the same read lock),
+//!   so both name one point. Every chunk is a batch whose checkpoint records the
+//!   table and last key read, so an interrupted snapshot resumes at its next chunk.
+//!   The resumed part is read in a new, later snapshot; streaming still starts at
+//!   the first snapshot's position, so the binlog between the two replays changes
+//!   to rows already read: row images are full, so the end state is the same (at
+//!   least once, never a gap).
+//!
+//! Either way each table logs its progress (rows read against the server's row
+//! estimate).
 //!
 //! **Streaming** ([`binlog`]). The binlog is read as a replica with
-//! `source.server_id` from the snapshot's position (or the checkpoint's), by GTID
+//! `source.server_id` from the snapshot's first view (or the checkpoint's), by GTID
 //! when the position has one, and WRITE/UPDATE/DELETE rows events of included
 //! tables become `c`/`u`/`d` changes at `Position::Binlog { file, pos, row }`
 //! (`pos` is the event's end offset, `row` the row's index in the event) with
@@ -30,8 +44,9 @@
 //! the source caught up ([`crate::event::Batch::caught_up_ms`]). Changes go out in batches of at most
 //! [`BATCH_ROWS`] rows or [`BATCH_INTERVAL`] of waiting.
 //!
-//! **Checkpoints** ([`MysqlCheckpoint`], JSON). A checkpoint names a transaction
-//! boundary to restart streaming from, as file/offset and, when the server has
+//! **Checkpoints** ([`MysqlCheckpoint`], JSON). While a snapshot is unfinished, a
+//! checkpoint carries its progress ([`SnapshotProgress`]). A checkpoint names a
+//! transaction boundary to restart streaming from, as file/offset and, when the server has
 //! GTIDs, as the GTID set of the transactions before it, and, when a batch ended
 //! inside a transaction, the last row already delivered; a restart re-reads that
 //! transaction and skips those rows, so it continues strictly after the
@@ -48,21 +63,20 @@
 //! re-snapshot), a duplicate server id. Rows whose values do not fit the declared
 //! column types are bad events (`wrong_type`), never errors.
 //!
-//! MySQL 8 (GTID events, `COM_BINLOG_DUMP_GTID`, `Executed_Gtid_Set`) is written
-//! from its documentation and not tested here; MariaDB is.
+//! MySQL 8 (GTID events, `COM_BINLOG_DUMP_GTID`, `Executed_Gtid_Set`, the
+//! incremental snapshot's watermark window) is written from its documentation and
+//! not tested here; MariaDB is.
 //!
 //! **Schema history** ([`ddl`]). Rows are decoded with the schema of their point
 //! in the binlog: DDL statements are applied to the known schemas as they stream
 //! by, the schemas are part of every checkpoint, and each table map is checked
 //! against its table's schema before rows are decoded (rows that fit no known
 //! schema are quarantined as `schema_mismatch`).
-//!
-//! Not yet: watermark-based (lock-free, incremental) snapshots of tables that
-//! change during a long snapshot.
 
 pub mod binlog;
 mod ddl;
 mod gtid;
+pub mod incremental;
 pub mod schema;
 pub mod snapshot;
 
@@ -79,6 +93,7 @@ use tokio_util::sync::CancellationToken;
 use self::schema::{DbTable, ServerInfo};
 use super::{CaptureError, Source};
 use crate::bus;
+pub use crate::config::spec::SnapshotMode;
 use crate::event::{
     BadEvent, Catalog, Change, Checkpoint, Event, Op, Position, Row, Snapshot, SourceMeta, TableId,
     TableSchema, Value,
@@ -108,6 +123,8 @@ pub struct MysqlSourceConfig {
     pub include: Vec<String>,
     /// The logical server name (Debezium's `source.name`, the topic prefix).
     pub server_name: String,
+    /// How the initial snapshot is read (see the module doc).
+    pub snapshot: SnapshotMode,
 }
 
 /// The URL may hold a password: never print it.
@@ -128,6 +145,7 @@ impl fmt::Debug for MysqlSourceConfig {
             .field("server_id", &self.server_id)
             .field("include", &self.include)
             .field("server_name", &self.server_name)
+            .field("snapshot", &self.snapshot)
             .finish()
     }
 }
@@ -151,6 +169,41 @@ pub struct SnapshotProgress {
     pub table: String,
     /// The primary key of the last row read from it; `None` before its first chunk.
     pub after: Option<Vec<serde_json::Value>>,
+    /// Which part of which snapshot is unfinished. Left out for the consistent
+    /// snapshot, so its checkpoints read the same as before the incremental one.
+    #[serde(default, skip_serializing_if = "SnapshotStage::is_consistent")]
+    pub stage: SnapshotStage,
+    /// Incremental snapshot: the tables still to read after `table`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<String>,
+}
+
+/// The stage of an unfinished snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStage {
+    /// The one-transaction snapshot ([`snapshot`]); streaming has not begun.
+    #[default]
+    Consistent,
+    /// The incremental snapshot's first view: tables without a primary key are
+    /// read and the plan of chunked tables is made. A restart starts it over.
+    Keyless,
+    /// The incremental snapshot's chunks ([`incremental`]): streaming runs, and
+    /// `table` is read from after `after`, then the tables of `then`.
+    Chunks,
+}
+
+impl SnapshotProgress {
+    /// Progress of the consistent snapshot.
+    pub fn consistent(table: String, after: Option<Vec<serde_json::Value>>) -> Self {
+        Self { table, after, stage: SnapshotStage::Consistent, then: Vec::new() }
+    }
+}
+
+impl SnapshotStage {
+    fn is_consistent(&self) -> bool {
+        *self == SnapshotStage::Consistent
+    }
 }
 
 /// The resume token of the `mysql` source.
@@ -572,19 +625,34 @@ async fn run_once(
     if let Some(cp) = checkpoint.as_ref() {
         cap.origin = cp.origin;
     }
-    // Streaming resumes with the schemas of its checkpoint (the schema history);
-    // a snapshot, and tables the checkpoint does not know, read the server's.
-    let history =
-        checkpoint.as_ref().filter(|c| c.snapshot.is_none()).and_then(|c| c.schemas.clone());
+    // Streaming resumes with the schemas of its checkpoint (the schema history),
+    // also during the chunks of an incremental snapshot (which stream); a
+    // snapshot's first view, and tables the checkpoint does not know, read the
+    // server's.
+    let streaming =
+        |c: &&MysqlCheckpoint| c.snapshot.as_ref().is_none_or(|p| p.stage == SnapshotStage::Chunks);
+    let history = checkpoint.as_ref().filter(streaming).and_then(|c| c.schemas.clone());
     for &(id, ref name) in tables {
         match history.as_ref().and_then(|h| h.get(name)) {
             Some(db) => cap.set_schema(id, db.clone()),
             None => cap.load_mapping(&mut conn, name).await?,
         }
     }
-    let needs_snapshot = checkpoint.as_ref().is_none_or(|c| c.snapshot.is_some());
-    if needs_snapshot {
-        let done = snapshot::run(cap, conn, checkpoint, out, shutdown).await?;
+    // A new snapshot takes the configured mode; an unfinished one goes on in its
+    // own (the checkpoint's stage), whatever the configuration says now.
+    let first_view = match checkpoint.as_ref().map(|c| c.snapshot.as_ref().map(|p| p.stage)) {
+        None => Some(source.config.snapshot),
+        Some(Some(SnapshotStage::Consistent)) => Some(SnapshotMode::Consistent),
+        Some(Some(SnapshotStage::Keyless)) => Some(SnapshotMode::Incremental),
+        Some(Some(SnapshotStage::Chunks) | None) => None,
+    };
+    if let Some(mode) = first_view {
+        let done = match mode {
+            SnapshotMode::Consistent => snapshot::run(cap, conn, checkpoint, out, shutdown).await?,
+            SnapshotMode::Incremental => {
+                incremental::begin(cap, conn, checkpoint, out, shutdown).await?
+            }
+        };
         if !done {
             return Ok(());
         }
@@ -596,7 +664,8 @@ async fn run_once(
             hint: None,
         });
     };
-    binlog::stream(cap, opts, conn, cp, checkpoint, out, shutdown).await
+    let chunks = incremental::Chunks::plan(cap, &cp, source.config.snapshot, opts);
+    binlog::stream(cap, opts, conn, cp, checkpoint, out, shutdown, chunks).await
 }
 
 #[cfg(test)]
@@ -615,6 +684,8 @@ mod tests {
             snapshot: Some(SnapshotProgress {
                 table: "orders".into(),
                 after: Some(vec![serde_json::json!(41)]),
+                stage: SnapshotStage::Chunks,
+                then: vec!["items".into()],
             }),
             origin: 7,
             schemas: Some(Schemas(Arc::new(BTreeMap::from([(
@@ -634,6 +705,16 @@ mod tests {
         let old = MysqlCheckpoint::parse(&old).unwrap().unwrap();
         assert_eq!((old.gtid, old.pos), (None, 4));
         assert!(MysqlCheckpoint::parse(&Checkpoint(r#"{"offset":12}"#.into())).is_err());
+        // A consistent snapshot's progress is written (and read) as before.
+        let consistent = SnapshotProgress {
+            table: "t".into(),
+            after: None,
+            stage: SnapshotStage::Consistent,
+            then: Vec::new(),
+        };
+        let text = serde_json::to_string(&consistent).unwrap();
+        assert_eq!(text, r#"{"table":"t","after":null}"#);
+        assert_eq!(serde_json::from_str::<SnapshotProgress>(&text).unwrap(), consistent);
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The initial snapshot: every included table read in one consistent view, in
-//! primary-key chunks, as op `r` changes at the binlog position of that view.
+//! The consistent snapshot (`source.snapshot = "consistent"`): every included
+//! table read in one consistent view, in primary-key chunks, as op `r` changes at
+//! the binlog position of that view. [`begin`] also opens the first view of the
+//! incremental snapshot (see [`super::incremental`]).
 //!
 //! The view is an InnoDB consistent-snapshot transaction (no table locks on
 //! MariaDB, which reports the binlog position of the view in
@@ -31,14 +33,17 @@ const CTX: &str = "snapshot";
 
 /// The binlog position of the consistent view: file, offset and, when the server
 /// has GTIDs, the same position as a GTID set.
-struct ViewPosition {
-    file: String,
-    pos: u64,
-    gtid: Option<String>,
+pub(crate) struct ViewPosition {
+    pub file: String,
+    pub pos: u64,
+    pub gtid: Option<String>,
 }
 
 /// Opens the consistent view and returns the binlog position it corresponds to.
-async fn begin(conn: &mut Conn, server: &ServerInfo) -> Result<ViewPosition, CaptureError> {
+pub(crate) async fn begin(
+    conn: &mut Conn,
+    server: &ServerInfo,
+) -> Result<ViewPosition, CaptureError> {
     let mariadb = server.mariadb;
     let q = |e| driver_error(CTX, e);
     // TIMESTAMP columns are then read as UTC, as the binlog holds them.
@@ -132,7 +137,7 @@ pub(crate) fn chunk_sql(db: &str, table: &DbTable, after: bool, offset: u64) -> 
 }
 
 /// The parameters of [`chunk_sql`]'s keyset condition.
-fn chunk_params(after: &[MyValue]) -> Vec<MyValue> {
+pub(crate) fn chunk_params(after: &[MyValue]) -> Vec<MyValue> {
     let mut params = Vec::new();
     for j in 0..after.len() {
         params.extend(after[..=j].iter().cloned());
@@ -187,18 +192,18 @@ pub(crate) fn key_from_json(j: &serde_json::Value) -> Option<MyValue> {
 }
 
 /// How often a long table snapshot logs its progress.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// The server's estimate of a table's row count (InnoDB samples it), for progress
 /// logs only: an exact `COUNT(*)` would read the table twice.
-async fn estimated_rows(conn: &mut Conn, db: &str, table: &str) -> Option<u64> {
+pub(crate) async fn estimated_rows(conn: &mut Conn, db: &str, table: &str) -> Option<u64> {
     let sql = "SELECT TABLE_ROWS FROM information_schema.TABLES \
                WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?";
     conn.exec_first::<Option<u64>, _, _>(sql, (db, table)).await.ok().flatten().flatten()
 }
 
 /// Whether `table` has no rows in the view.
-async fn is_empty(conn: &mut Conn, db: &str, table: &str) -> Result<bool, CaptureError> {
+pub(crate) async fn is_empty(conn: &mut Conn, db: &str, table: &str) -> Result<bool, CaptureError> {
     let sql = format!("SELECT 1 FROM {}.{} LIMIT 1", quote(db), quote(table));
     let row: Option<Row> = conn.query_first(sql).await.map_err(|e| driver_error(CTX, e))?;
     Ok(row.is_none())
@@ -318,9 +323,9 @@ pub(crate) async fn run(
 
             let next = if more {
                 let after_json = last_key.as_ref().map(|k| k.iter().map(key_to_json).collect());
-                Some(SnapshotProgress { table: name.clone(), after: after_json })
+                Some(SnapshotProgress::consistent(name.clone(), after_json))
             } else {
-                tables.get(t + 1).map(|(_, n)| SnapshotProgress { table: n.clone(), after: None })
+                tables.get(t + 1).map(|(_, n)| SnapshotProgress::consistent(n.clone(), None))
             };
             if !more {
                 let mut rest_empty = true;
@@ -387,7 +392,7 @@ pub(crate) async fn run(
     Ok(true)
 }
 
-fn mark_last(events: &mut [Event]) {
+pub(crate) fn mark_last(events: &mut [Event]) {
     if let Some(Event::Change(c)) = events.iter_mut().rev().find(|e| matches!(e, Event::Change(_)))
     {
         c.source.snapshot = Snapshot::Last;
