@@ -47,7 +47,9 @@
 //! by key so that concurrent writers lock in the same order. A table with more than
 //! [`COPY_MIN_ROWS`] upserts in one commit (the first commit of a replay) is loaded
 //! with a binary `COPY` into a temporary table, then one `INSERT .. SELECT .. ON
-//! CONFLICT`. All statements of a commit are pipelined: sent back to back, in order,
+//! CONFLICT`; into a table that is still empty (an initial load), straight into the
+//! table with a plain `COPY` under a savepoint, falling back to the staging table
+//! if a concurrent writer got a key in first. All statements of a commit are pipelined: sent back to back, in order,
 //! without waiting for each answer, so a commit costs about one round trip plus the
 //! server's work. Statements are prepared once per connection.
 //!
@@ -454,6 +456,10 @@ struct SilverTable {
     /// The temporary table COPY loads.
     stage: String,
     stage_create: String,
+    /// Whether the table is empty, and the transaction's time as epoch microseconds.
+    empty_now: String,
+    /// A binary COPY straight into the table: data columns and `_updated_at`.
+    direct_copy: String,
     /// Data columns: declared then bookkeeping, in binding order.
     data: Vec<(String, ColumnType)>,
     /// The upserts without learned columns.
@@ -512,6 +518,14 @@ impl SilverTable {
         let stage_create =
             format!("CREATE TEMP TABLE IF NOT EXISTS {stage} ({stage_defs}) ON COMMIT DELETE ROWS");
         let sql = SilverSql::new(&quoted, &stage, &data, &key_names, &[]);
+        let empty_now = format!(
+            "SELECT NOT EXISTS (SELECT 1 FROM {quoted}), \
+             (EXTRACT(EPOCH FROM now()) * 1000000)::BIGINT"
+        );
+        let data_names = data.iter().map(|(n, _)| ident(n)).collect::<Vec<_>>().join(", ");
+        let direct_copy = format!(
+            "COPY {quoted} ({data_names}, \"_updated_at\") FROM STDIN (FORMAT binary)"
+        );
         let declared = schema.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>();
         let select = format!("SELECT {}, \"_partition\" FROM {quoted}", declared.join(", "));
         let select_partitions = format!("{select} WHERE \"_partition\" = ANY($1::text[])");
@@ -526,6 +540,8 @@ impl SilverTable {
             delete,
             stage,
             stage_create,
+            empty_now,
+            direct_copy,
             data,
             sql,
             select,
@@ -1739,6 +1755,11 @@ async fn copy_silver(
     rows: &[(&SilverRow, &Split<'_, String>)],
 ) -> Result<(), StoreError> {
     let what = || format!("copy into `{}`", t.table);
+    // Without learned columns (whose values travel as text for the server to
+    // cast), an empty table can skip the staging table.
+    if sql.stage_extend.is_none() && copy_direct(tx, t, sql, rows).await? {
+        return Ok(());
+    }
     tx.batch_execute(&t.stage_create).await.map_err(|e| pg_error(e, what()))?;
     if let Some(extend) = &sql.stage_extend {
         tx.batch_execute(extend).await.map_err(|e| pg_error(e, what()))?;
@@ -1761,6 +1782,61 @@ async fn copy_silver(
         .await
         .map_err(|e| pg_error(e, format!("upsert into `{}`", t.table)))?;
     Ok(())
+}
+
+/// Loads upserts into an empty table with a plain COPY, as fast as PostgreSQL
+/// takes rows: no staging table, no `ON CONFLICT` probe per row. This is the
+/// initial load of a table (a snapshot, a replay into a new store). Returns false,
+/// having written nothing, when the table has rows, or when a concurrent writer
+/// inserted one of the keys first (the COPY is rolled back to a savepoint and the
+/// caller upserts through the staging table).
+async fn copy_direct(
+    tx: &Transaction<'_>,
+    t: &SilverTable,
+    sql: &SilverSql,
+    rows: &[(&SilverRow, &Split<'_, String>)],
+) -> Result<bool, StoreError> {
+    let what = || format!("copy into `{}`", t.table);
+    let probe = tx.query_one(&t.empty_now, &[]).await.map_err(|e| pg_error(e, what()))?;
+    let empty: bool = probe.try_get(0).map_err(|e| pg_error(e, what()))?;
+    if !empty {
+        return Ok(false);
+    }
+    // `_updated_at` is what the upsert's `now()` would give: the transaction's start.
+    let now: i64 = probe.try_get(1).map_err(|e| pg_error(e, what()))?;
+    tx.batch_execute("SAVEPOINT caudal_copy").await.map_err(|e| pg_error(e, what()))?;
+    let loaded = async {
+        let copy = tx.copy_in(&t.direct_copy).await?;
+        let wire: Vec<Type> = sql.wire.iter().cloned().chain([Type::TIMESTAMP]).collect();
+        let writer = BinaryCopyInWriter::new(copy, &wire);
+        let mut writer = std::pin::pin!(writer);
+        let mut params: Vec<Param<'_>> = Vec::with_capacity(wire.len());
+        for (row, split) in rows {
+            params.clear();
+            params.extend(silver_params(row, split));
+            params.push(Param::Timestamp(now));
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            writer.as_mut().write(&refs).await?;
+        }
+        writer.finish().await
+    }
+    .await;
+    match loaded {
+        Ok(_) => {
+            tx.batch_execute("RELEASE SAVEPOINT caudal_copy")
+                .await
+                .map_err(|e| pg_error(e, what()))?;
+            Ok(true)
+        }
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT caudal_copy")
+                .await
+                .map_err(|e| pg_error(e, what()))?;
+            Ok(false)
+        }
+        Err(e) => Err(pg_error(e, what())),
+    }
 }
 
 fn gold_jobs<'a>(
