@@ -377,19 +377,36 @@ async fn large_commits_go_through_copy_and_match_small_ones() {
     };
     let mut s = PostgresSink::new(pg.url(), spec.clone(), "main").expect("sink");
     s.healthcheck().await.expect("healthcheck");
-    // 12,000 rows: COPY; then 100 of them again in a small commit: unnest arrays.
+    // 12,000 rows into the empty table: a plain COPY into it; then 100 of them again
+    // in a small commit: unnest arrays; then 12,000 overlapping ones into the
+    // filled table: COPY into staging and upsert.
     let mut c = commit(1);
     c.silver = (1..=12_000).map(|id| upsert(items, &[0], line(id, 0))).collect();
     s.write(Arc::new(c)).await.expect("large commit");
+    let stamped = "SELECT count(*) FROM silver_order_items WHERE _updated_at IS NOT NULL \
+                   AND _position = 'f:1' AND _source_ts_ms = 1";
+    assert_eq!(count(&pg, stamped), 12_000, "the direct COPY fills every column");
     let mut c = commit(2);
     c.silver = (1..=100).map(|id| upsert(items, &[0], line(id, 1))).collect();
     s.write(Arc::new(c)).await.expect("small commit");
     let got = s.recover(&[items]).await.expect("recover");
     assert_eq!(got.rows.len(), 12_000);
+    let round = |id: i64| i64::from(id <= 100);
     let mut want: Vec<String> =
-        (1..=12_000).map(|id| format!("{:?}", line(id, i64::from(id <= 100)).as_slice())).collect();
+        (1..=12_000).map(|id| format!("{:?}", line(id, round(id)).as_slice())).collect();
     want.sort();
     assert_eq!(sorted(&got.rows, items), want);
+
+    let mut c = commit(3);
+    c.silver = (6_001..=18_000).map(|id| upsert(items, &[0], line(id, 2))).collect();
+    s.write(Arc::new(c)).await.expect("large commit into a filled table");
+    let got = s.recover(&[items]).await.expect("recover");
+    let round = |id: i64| if id > 6_000 { 2 } else { round(id) };
+    let mut want: Vec<String> =
+        (1..=18_000).map(|id| format!("{:?}", line(id, round(id)).as_slice())).collect();
+    want.sort();
+    assert_eq!(sorted(&got.rows, items), want);
+    assert_eq!(count(&pg, stamped), 18_000);
 }
 
 #[tokio::test(flavor = "multi_thread")]
