@@ -9,19 +9,23 @@
 //!    --seed 7`) starts the clock; it stops when PostgreSQL has every partition
 //!    committed to its end. events/s = events / that time. The export is then
 //!    compared with `reference.py`;
-//! 3. commit-to-visible: with the workers idle, probe orders are produced one at
-//!    a time (20/s); each one's latency runs from the broker's acknowledgement to
-//!    its silver row being visible in PostgreSQL (polled every millisecond).
+//! 3. commit-to-visible: probe orders are produced one at a time (about 20/s),
+//!    first with the workers idle, then while `--load` other orders per second
+//!    (5,000 by default) stream in; each probe's latency runs from the broker's
+//!    acknowledgement to its silver row being visible in PostgreSQL (polled every
+//!    millisecond).
 //!
 //! `cargo bench --bench workers -- [--events N] [--workers 1,2] [--storage memory|sqlite]
-//! [--probes N]`. The pipeline uses `trigger_interval = "10ms"` (the default 1 s
+//! [--probes N] [--load EVENTS_PER_S]`. The pipeline uses `trigger_interval = "10ms"` (the default 1 s
 //! trades latency for larger commits). Prints figures; asserts nothing about them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 mod common;
@@ -95,6 +99,95 @@ fn assigned(log: &Path) -> usize {
         .map_or(0, |l| l.matches("erp_db.").count())
 }
 
+/// An order insert in the workload's envelope, at binlog position `pos`.
+fn order(id: i64, pos: u64) -> (String, String) {
+    let key = format!("{{\"id\":{id}}}");
+    let value = format!(
+        "{{\"before\":null,\"after\":{{\"id\":{id},\"customer_id\":1,\"employee_id\":1,\
+         \"channel\":\"web\",\"status\":\"paid\",\"order_ts\":1767600000000,\"currency\":\"EUR\",\
+         \"total\":\"1.00\",\"city\":\"x\"}},\"source\":{{\"file\":\"mysql-bin.999999\",\
+         \"pos\":{pos},\"row\":0,\"table\":\"orders\",\"db\":\"erp_db\",\"snapshot\":\"false\",\
+         \"ts_ms\":1767600000000}},\"op\":\"c\",\"ts_ms\":1767600000000}}"
+    );
+    (key, value)
+}
+
+type ProbeRequest = (i64, mpsc::Sender<Option<Instant>>);
+
+/// One producer thread: order events at a steady rate (none for 0), and the probes
+/// in between. Why one producer: positions must rise in the order messages reach
+/// a partition, or deduplication would drop a probe overtaken by a higher position.
+struct Feed {
+    probes: mpsc::Sender<ProbeRequest>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, f64)>,
+}
+
+/// Positions continue across feeds (each worker count's feeds share the topics).
+static NEXT_POS: AtomicU64 = AtomicU64::new(1_000);
+
+impl Feed {
+    fn start(brokers: &str, rate: u64) -> Self {
+        let (probes, requests) = mpsc::channel::<ProbeRequest>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let brokers = brokers.to_owned();
+        let thread = std::thread::spawn(move || {
+            let producer: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("partitioner", "murmur2_random")
+                .set("linger.ms", "0")
+                .create()
+                .expect("producer");
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            let to = "erp_db.orders";
+            let started = Instant::now();
+            let mut sent = 0u64;
+            rt.block_on(async {
+                while !stopped.load(Ordering::Relaxed) {
+                    while let Ok((id, reply)) = requests.try_recv() {
+                        let (key, value) = order(id, NEXT_POS.fetch_add(1, Ordering::Relaxed));
+                        let record = FutureRecord::to(to).key(&key).payload(&value);
+                        let acked = producer.send(record, Duration::from_secs(10)).await;
+                        let _ = reply.send(acked.ok().map(|_| Instant::now()));
+                    }
+                    let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                    while sent < due {
+                        let id = 800_000_000 + sent as i64;
+                        let (key, value) = order(id, NEXT_POS.fetch_add(1, Ordering::Relaxed));
+                        // Queued in librdkafka; its delivery is not awaited.
+                        if producer
+                            .send_result(FutureRecord::to(to).key(&key).payload(&value))
+                            .is_err()
+                        {
+                            break;
+                        }
+                        sent += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            let _ = producer.flush(Duration::from_secs(10));
+            (sent, started.elapsed().as_secs_f64())
+        });
+        Self { probes, stop, thread }
+    }
+
+    /// Sends probe order `id`; the instant the broker acknowledged it.
+    fn probe(&self, id: i64) -> Option<Instant> {
+        let (reply, acked) = mpsc::channel();
+        self.probes.send((id, reply)).ok()?;
+        acked.recv().ok().flatten()
+    }
+
+    /// Stops the feed: orders sent besides the probes, and over how many seconds.
+    fn stop(self) -> (u64, f64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("feed thread")
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -109,6 +202,7 @@ fn main() {
         arg("--workers", "1,2").split(',').map(|n| n.parse().expect("--workers 1,2")).collect();
     let storage = arg("--storage", "sqlite");
     let probes: usize = arg("--probes", "200").parse().expect("--probes N");
+    let load: u64 = arg("--load", "5000").parse().expect("--load EVENTS_PER_S");
     let work = tempfile::tempdir().expect("tempdir");
     let input = work.path().join("erp.jsonl");
     let out = Command::new("python3")
@@ -217,13 +311,8 @@ fn main() {
             captured.as_secs_f64()
         );
 
-        // Commit-to-visible: one probe order at a time.
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &broker.address)
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "0")
-            .create()
-            .expect("producer");
+        // Commit-to-visible: probe orders one at a time, with the workers idle, then
+        // while `--load` order events per second stream in beside them.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
         let client = rt.block_on(async {
             let (client, conn) =
@@ -231,54 +320,50 @@ fn main() {
             tokio::spawn(conn);
             client
         });
-        let mut latencies = Vec::with_capacity(probes);
-        for i in 0..probes {
-            let id = 900_000_000 + i as i64;
-            let key = format!("{{\"id\":{id}}}");
-            let value = format!(
-                "{{\"before\":null,\"after\":{{\"id\":{id},\"customer_id\":1,\"employee_id\":1,\
-                 \"channel\":\"web\",\"status\":\"paid\",\"order_ts\":1767600000000,\"currency\":\"EUR\",\
-                 \"total\":\"1.00\",\"city\":\"x\"}},\"source\":{{\"file\":\"mysql-bin.999999\",\
-                 \"pos\":{},\"row\":0,\"table\":\"orders\",\"db\":\"erp_db\",\"snapshot\":\"false\",\
-                 \"ts_ms\":1767600000000}},\"op\":\"c\",\"ts_ms\":1767600000000}}",
-                1000 + i
-            );
-            let sent = rt.block_on(async {
-                producer
-                    .send(
-                        FutureRecord::to("erp_db.orders").key(&key).payload(&value),
-                        Duration::from_secs(10),
-                    )
-                    .await
-                    .map(|_| Instant::now())
-            });
-            let Ok(acked) = sent else { continue };
-            let limit = Instant::now() + Duration::from_secs(10);
-            loop {
-                let seen = rt.block_on(async {
-                    client
-                        .query_opt("SELECT 1 FROM silver_orders WHERE id = $1", &[&id])
-                        .await
-                        .ok()
-                        .flatten()
-                        .is_some()
-                });
-                if seen || Instant::now() > limit {
-                    break;
+        let mut first_id = 900_000_000;
+        for rate in [0, load] {
+            let feed = Feed::start(&broker.address, rate);
+            let mut latencies = Vec::with_capacity(probes);
+            for _ in 0..probes {
+                let id = first_id;
+                first_id += 1;
+                let Some(acked) = feed.probe(id) else { continue };
+                let limit = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let seen = rt.block_on(async {
+                        client
+                            .query_opt("SELECT 1 FROM silver_orders WHERE id = $1", &[&id])
+                            .await
+                            .ok()
+                            .flatten()
+                            .is_some()
+                    });
+                    if seen || Instant::now() > limit {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                latencies.push(acked.elapsed().as_secs_f64() * 1000.0);
+                std::thread::sleep(Duration::from_millis(50));
             }
-            latencies.push(acked.elapsed().as_secs_f64() * 1000.0);
-            std::thread::sleep(Duration::from_millis(50));
+            let (sent, secs) = feed.stop();
+            latencies.sort_by(f64::total_cmp);
+            let during = if rate == 0 {
+                "idle".to_owned()
+            } else {
+                format!(
+                    "under load: {sent} other orders in {secs:.1}s, {:.0}/s",
+                    sent as f64 / secs
+                )
+            };
+            println!(
+                "{n} worker(s): commit-to-visible over {} probes, {during}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                latencies.len(),
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.99),
+                latencies.last().copied().unwrap_or(f64::NAN)
+            );
         }
-        latencies.sort_by(f64::total_cmp);
-        println!(
-            "{n} worker(s): commit-to-visible over {} probes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            latencies.len(),
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99),
-            latencies.last().copied().unwrap_or(f64::NAN)
-        );
         for w in &mut workers {
             let _ = w.kill();
             let _ = w.wait();

@@ -523,9 +523,8 @@ impl SilverTable {
              (EXTRACT(EPOCH FROM now()) * 1000000)::BIGINT"
         );
         let data_names = data.iter().map(|(n, _)| ident(n)).collect::<Vec<_>>().join(", ");
-        let direct_copy = format!(
-            "COPY {quoted} ({data_names}, \"_updated_at\") FROM STDIN (FORMAT binary)"
-        );
+        let direct_copy =
+            format!("COPY {quoted} ({data_names}, \"_updated_at\") FROM STDIN (FORMAT binary)");
         let declared = schema.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>();
         let select = format!("SELECT {}, \"_partition\" FROM {quoted}", declared.join(", "));
         let select_partitions = format!("{select} WHERE \"_partition\" = ANY($1::text[])");
