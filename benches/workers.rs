@@ -136,7 +136,10 @@ impl Feed {
             let producer: FutureProducer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
                 .set("partitioner", "murmur2_random")
-                .set("linger.ms", "0")
+                // As `caudal capture` produces (src/bus/kafka.rs): 5,000 requests a
+                // second of one message each would load the broker more than any
+                // real producer does.
+                .set("linger.ms", "5")
                 .create()
                 .expect("producer");
             let rt =

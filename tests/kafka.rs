@@ -647,3 +647,131 @@ fn a_process_worker_killed_with_sigkill_is_replaced_and_the_result_is_exact() {
     assert_same_answer(&want, &got);
     assert_no_duplicates(&pg);
 }
+
+/// Events the processor has taken in so far, from `/metrics`.
+fn processed(addr: std::net::SocketAddr) -> u64 {
+    let (_, body) = crate::support::serve::http_get(addr, "/metrics").expect("GET /metrics");
+    body.lines()
+        .filter(|l| l.starts_with("caudal_process_events_in_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Backpressure end to end: while PostgreSQL takes no commit (another session holds
+/// a lock on `caudal_checkpoint`), `caudal run` from Kafka stops taking events in,
+/// and its memory stays flat; it does not buffer the rest of the topics. Once the
+/// lock goes, it finishes, and nothing was lost or counted twice.
+#[test]
+fn a_stalled_postgres_holds_consumption_back_with_flat_memory_and_loses_nothing() {
+    let input = erpgen(100_000, 7);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (want, got) = (dir.path().join("want"), dir.path().join("got"));
+    reference(&input, &want);
+    let broker = Tansu::start();
+    let pg = crate::support::postgres::Postgres::start();
+    capture(&input, broker.brokers());
+    // Small commits, so that the stall comes early in the stream.
+    let pipeline = kafka_pipeline(
+        dir.path(),
+        broker.brokers(),
+        "trigger_interval = \"1s\"\nmax_batch_events = 2000\nqueue_batches = 2",
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], crate::support::serve::free_port()).into();
+    let log = dir.path().join("run.log");
+    let child = caudal()
+        .arg("run")
+        .arg(&pipeline)
+        .arg("--store")
+        .arg(pg.url())
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("-q")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn caudal run");
+    let mut child = crate::support::serve::Running(child);
+    let committed = || {
+        pg.query_text("SELECT COALESCE(SUM(event_count), 0) FROM caudal_checkpoint")
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    let started = Instant::now();
+    while committed() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "nothing committed in 60 s");
+        assert!(child.0.try_wait().expect("wait").is_none(), "caudal run ended early");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // Another session locks the checkpoint table against writes (reads still work).
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let url = pg.url().to_owned();
+    let holder = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        rt.block_on(async {
+            let (mut client, conn) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            let tx = client.transaction().await.expect("begin");
+            tx.batch_execute("LOCK TABLE caudal_checkpoint IN EXCLUSIVE MODE").await.expect("lock");
+            locked_tx.send(()).expect("report the lock");
+            // The server keeps the lock while this session is open and idle.
+            let _ = released.recv();
+            tx.rollback().await.expect("release the lock");
+        });
+    });
+    locked.recv().expect("lock taken");
+    let stalled_at = committed();
+    // Let the stages between Kafka and the store fill up, then watch them.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (taken_in, memory) = (processed(addr), rss(child.0.id()));
+    std::thread::sleep(Duration::from_secs(3));
+    let (taken_in_later, memory_later) = (processed(addr), rss(child.0.id()));
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "caudal run ended while stalled: {logged}"
+    );
+    assert_eq!(committed(), stalled_at, "nothing commits while the table is locked");
+    assert_eq!(taken_in, taken_in_later, "processing waits for the store");
+    assert!(
+        taken_in < 90_000,
+        "at least a tenth of the topics stays unread while the store stalls ({taken_in} taken in)"
+    );
+    assert!(
+        memory_later < memory + (8 << 20),
+        "memory stays flat while stalled ({memory} -> {memory_later} bytes)"
+    );
+    eprintln!(
+        "stalled at {stalled_at} committed, {taken_in} taken in; rss {} -> {} MiB",
+        memory >> 20,
+        memory_later >> 20
+    );
+
+    release.send(()).expect("release");
+    holder.join().expect("lock holder");
+    let until = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < until, "caudal run did not finish after the stall");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "caudal run failed after the stall: {logged}");
+    export_from(pg.url(), &got);
+    assert_same_answer(&want, &got);
+}

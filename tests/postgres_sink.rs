@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 
 use caudal::event::output::{
-    Commit, QuarantineOp, QuarantineRecord, SilverChange, SilverRow, Stage,
+    Commit, GoldChange, QuarantineOp, QuarantineRecord, SilverChange, SilverRow, Stage,
 };
 use caudal::event::{Checkpoint, Key, Value};
 use caudal::store::postgres::{read_quarantine_summary, PostgresSink};
@@ -526,4 +526,98 @@ async fn undeclared_columns_become_typed_columns_and_misfits_stay_in_extra() {
     let got = s.recover(&[0]).await.expect("recover");
     assert_eq!(got.rows.len(), 5_006);
     assert!(got.rows.iter().all(|(_, r)| r.len() == 2), "recovery reads declared columns");
+}
+
+const MERGED: &str = r#"
+[pipeline]
+name = "merged"
+
+[source]
+type = "file"
+path = "x.jsonl"
+
+[tables.lines]
+key = ["id"]
+columns = { id = "int", shop = "string", ts = "timestamp", price = "decimal", sku = "string" }
+
+[[gold]]
+name = "prices"
+table = "lines"
+time = "ts"
+window = "10m"
+group_by = ["shop"]
+measures = ["count() as n", "avg(price) as mean", "min(price) as low", "max(price) as high", "max(sku) as last_sku"]
+trend = "mean"
+"#;
+
+/// One worker's share of a window: (partition, lines, avg sum and count, low, high, sku).
+fn share(part: &str, n: i64, sum: &str, low: &str, high: &str, sku: &str) -> GoldChange {
+    let d = |s: &str| Decimal::from_str_exact(s).expect("decimal literal");
+    GoldChange {
+        gold: 0,
+        window_start: micros("2026-01-05T09:00:00Z"),
+        group: [text("s1")].into(),
+        measures: Some(
+            [
+                Value::Int(n),
+                Value::Decimal(d(sum) / Decimal::from(n)),
+                dec(low),
+                dec(high),
+                text(sku),
+                Value::Null,
+            ]
+            .into(),
+        ),
+        partition: Some(part.into()),
+        avg_parts: [(d(sum), n)].into(),
+    }
+}
+
+/// Workers of a consumer group each store their partitions' share of a window; the
+/// view merges them: an average from the shares' sums and counts (not an average of
+/// averages), and min and max comparing numbers as numbers ("10.00" > "9.50").
+#[tokio::test(flavor = "multi_thread")]
+async fn gold_shares_of_several_partitions_merge_exactly() {
+    let pg = Postgres::start();
+    let spec = Arc::new(caudal::config::parse(Path::new("m.toml"), MERGED).expect("spec"));
+    let mut s = PostgresSink::new(pg.url(), spec.clone(), "main").expect("sink");
+    s.healthcheck().await.expect("healthcheck");
+    let mut c = commit(1);
+    // Partition a: 9.50 and 2.00 (avg 5.75); b: 10.00 (avg 10.00). Together:
+    // 21.50 / 3 = 7.1666..., low 2.00, high 10.00.
+    c.gold.push(share("t/0", 2, "11.50", "2.00", "9.50", "sku-9"));
+    c.gold.push(share("t/1", 1, "10.00", "10.00", "10.00", "sku-10"));
+    s.write(Arc::new(c)).await.expect("write");
+    let rows = caudal::store::postgres::read_gold(pg.url(), &spec, 0).await.expect("read gold");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (_, group, measures) = &rows[0];
+    assert_eq!(group, &vec![text("s1")]);
+    let want_mean = Decimal::from_str_exact("21.50").expect("sum") / Decimal::from(3);
+    assert_eq!(
+        measures,
+        &vec![Value::Int(3), Value::Decimal(want_mean), text("2.00"), text("10.00"), text("sku-9")],
+        "exports merge the shares as one worker would have computed them"
+    );
+    // The view itself, as dashboards read it.
+    assert_eq!(
+        pg.query_text(
+            "SELECT n || ' ' || round(mean, 4) || ' ' || low || ' ' || high || ' ' || last_sku \
+             FROM gold_prices"
+        )
+        .as_deref(),
+        Some("3 7.1667 2.00 10.00 sku-9")
+    );
+    // One share retracted entirely: the other alone remains.
+    let mut c = commit(2);
+    c.gold.push(GoldChange {
+        measures: None,
+        avg_parts: [].into(),
+        ..share("t/0", 1, "0", "0", "0", "")
+    });
+    s.write(Arc::new(c)).await.expect("write 2");
+    let rows = caudal::store::postgres::read_gold(pg.url(), &spec, 0).await.expect("read gold");
+    assert_eq!(
+        rows[0].2,
+        vec![Value::Int(1), dec("10.00"), text("10.00"), text("10.00"), text("sku-10")]
+    );
 }

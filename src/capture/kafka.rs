@@ -57,10 +57,14 @@ use crate::event::{
 /// Messages per batch at most: large enough to amortize a hand-off, small enough
 /// to keep a batch's memory to a few megabytes.
 const MAX_BATCH_MESSAGES: usize = 10_000;
+/// What librdkafka may prefetch per consumer, in KiB. When the store stalls, the
+/// source stops polling and librdkafka stops fetching once this much is queued:
+/// this is the Kafka end of backpressure. Its default (64 MiB, per consumer, and a
+/// worker of a group has two) would be half the memory budget; 16 MiB still lets a
+/// fetch bring thousands of messages.
+const PREFETCH_KBYTES: &str = "16384";
 /// ... and at most about this many bytes (spans into a batch's bytes are `u32`).
 const MAX_BATCH_BYTES: usize = 16 << 20;
-/// A batch is handed on at most this long after its first message (latency).
-const MAX_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// How long one poll waits when nothing arrives.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// With two consumers (group mode), how long one waits while the other may have
@@ -193,6 +197,7 @@ impl GroupMember {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("fetch.wait.max.ms", "10")
+            .set("queued.max.messages.kbytes", PREFETCH_KBYTES)
             .set("auto.offset.reset", "earliest")
             // Eager: a rebalance revokes everything, then assigns; see `rebalance`.
             .set("partition.assignment.strategy", "roundrobin")
@@ -392,6 +397,7 @@ impl KafkaSource {
             // librdkafka's default of 500 ms is the latency floor of an idle
             // partition; 10 ms keeps commit-to-visible low at a small cost in requests.
             .set("fetch.wait.max.ms", "10")
+            .set("queued.max.messages.kbytes", PREFETCH_KBYTES)
             .set("auto.offset.reset", "earliest")
             .create_with_context(KafkaContext)
             .map_err(|e| CaptureError::Definite {
@@ -585,16 +591,14 @@ impl KafkaSource {
             let mut buf = spare.take().unwrap_or_else(|| pool.take(1 << 20));
             // (decoder line, raw bytes, origin, index in `parts`, from the unreadable topic)
             let mut lines: Vec<(RawSpan, RawSpan, u64, usize, bool)> = Vec::new();
-            let mut first_at: Option<Instant> = None;
+            let mut begun = false;
             let mut read_any = false;
             while lines.len() < MAX_BATCH_MESSAGES && buf.len() < MAX_BATCH_BYTES {
-                let wait = match first_at {
-                    Some(t) => MAX_BATCH_WAIT.saturating_sub(t.elapsed()),
-                    None => IDLE_POLL,
-                };
-                if first_at.is_some() && wait.is_zero() {
-                    break;
-                }
+                // Once a batch has begun, it takes only what librdkafka already
+                // holds and is handed on as soon as that runs out: waiting for more
+                // would add its wait to every event's latency, and a backlog fills
+                // batches anyway (the processor's trigger interval sets commit size).
+                let wait = if begun { Duration::ZERO } else { IDLE_POLL };
                 let msg = if consumers.len() == 1 {
                     consumers[0].poll(wait)
                 } else {
@@ -629,7 +633,7 @@ impl KafkaSource {
                     // by whoever gets the partitions.
                     return Ok(());
                 }
-                first_at.get_or_insert_with(Instant::now);
+                begun = true;
                 let Some(&pi) = index[turn].get(msg.topic()).and_then(|t| t.get(&msg.partition()))
                 else {
                     continue;

@@ -47,6 +47,11 @@ pub struct GoldChange {
     /// partition (workers of a consumer group; see `Processor::set_group_mode`);
     /// `None`: every fact row.
     pub partition: Option<Arc<str>>,
+    /// For each `avg` measure, in measure order, the exact sum and count of its
+    /// inputs: a store that keeps gold per partition adds these up to merge the
+    /// partitions' averages exactly (an average of averages is not the average).
+    /// Empty when the rule has no `avg` or the row is deleted.
+    pub avg_parts: Box<[(rust_decimal::Decimal, i64)]>,
 }
 
 /// A stage where a row can be quarantined.

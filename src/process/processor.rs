@@ -947,7 +947,19 @@ impl Processor {
         for (g, gs) in self.gold.iter_mut().enumerate() {
             let spec = &self.spec.gold[g];
             for (part, window, id) in gs.dirty.drain() {
-                let measures = gs.windows.get(&(part, window, id)).map(|st| {
+                let state = gs.windows.get(&(part, window, id));
+                let avg_parts = state
+                    .map(|st| {
+                        st.measures
+                            .iter()
+                            .filter_map(|m| match m {
+                                Accumulator::Avg { sum, n } => Some((*sum, *n)),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let measures = state.map(|st| {
                     let mut values: Vec<Value> =
                         st.measures.iter().map(Accumulator::value).collect();
                     if let Some(ti) = spec.trend {
@@ -970,6 +982,7 @@ impl Processor {
                     group: gs.groups[id as usize].clone(),
                     measures,
                     partition: self.part_names.get(part as usize).cloned().flatten(),
+                    avg_parts,
                 });
             }
         }

@@ -399,7 +399,25 @@ pub async fn read_gold(
                 table.view
             )));
         };
-        let measures = values.split_off(table.groups);
+        let mut measures = values.split_off(table.groups);
+        // An average as processing computes it: the exact sum over the count, with
+        // rust_decimal's division (the server's division keeps fewer digits).
+        let avgs = table.avg_index.iter().flatten().count();
+        let first = 1 + table.groups + table.reported;
+        for k in 0..avgs {
+            let sum = row.try_get::<_, Cell>(first + 2 * k).map_err(|e| pg_error(e, context()))?.0;
+            let count =
+                row.try_get::<_, Cell>(first + 2 * k + 1).map_err(|e| pg_error(e, context()))?.0;
+            let avg = match (sum.to_decimal(), count) {
+                (Some(sum), Value::Int(n)) if n != 0 => {
+                    sum.checked_div(Decimal::from(n)).map_or(Value::Null, Value::Decimal)
+                }
+                _ => Value::Null,
+            };
+            if let Some(i) = table.avg_index.iter().position(|a| *a == Some(k)) {
+                measures[i] = avg;
+            }
+        }
         out.push((start, values, measures));
     }
     Ok(out)
@@ -650,6 +668,19 @@ impl GoldType {
     }
 }
 
+/// A column of a gold partition table that the view needs to merge partitions
+/// exactly, beside the measure columns.
+#[derive(Debug, Clone, Copy)]
+enum Hidden {
+    /// The sum of the inputs of the `k`th `avg` measure.
+    AvgSum(usize),
+    /// The count of the inputs of the `k`th `avg` measure.
+    AvgCount(usize),
+    /// Measure `i` (a min or max) as a number, to order numbers as numbers: the
+    /// stored value is text, where "10.00" sorts before "9.50".
+    Number(usize),
+}
+
 struct GoldTable {
     /// `gold_<name>_part`, unquoted, for messages: one row per fact partition,
     /// window and group (partition `''` outside a consumer group).
@@ -662,6 +693,11 @@ struct GoldTable {
     /// Measure columns without the trend column (what the partition table keeps and
     /// exports report; the view computes the trend).
     reported: usize,
+    /// Columns after the measures, in order.
+    hidden: Vec<Hidden>,
+    /// Per measure: `Some(k)` for the `k`th `avg` (exports divide its sum by its
+    /// count as processing does, rather than take the server's division).
+    avg_index: Vec<Option<usize>>,
     window_micros: i64,
     columns: Vec<(String, &'static str)>,
     create: String,
@@ -691,10 +727,28 @@ impl GoldTable {
             (m.name.clone(), ty)
         }));
         let trend = g.trend.and_then(|t| g.measures.get(t)).map(|t| t.name.clone());
+        let mut hidden = Vec::new();
+        let mut avg_index = Vec::with_capacity(g.measures.len());
+        for (i, m) in g.measures.iter().enumerate() {
+            avg_index.push(None);
+            match m.agg {
+                Agg::Avg => {
+                    let k = avg_index.iter().flatten().count();
+                    avg_index[i] = Some(k);
+                    hidden.push((format!("_{}_sum", m.name), "NUMERIC", Hidden::AvgSum(k)));
+                    hidden.push((format!("_{}_count", m.name), "BIGINT", Hidden::AvgCount(k)));
+                }
+                Agg::Min | Agg::Max => {
+                    hidden.push((format!("_{}_number", m.name), "NUMERIC", Hidden::Number(i)))
+                }
+                Agg::Count | Agg::Sum => {}
+            }
+        }
         let mut named: Vec<String> = outputs.iter().map(|(n, _)| n.clone()).collect();
         if let Some(t) = &trend {
             named.push(format!("{t}_trend"));
         }
+        named.extend(hidden.iter().map(|(n, _, _)| n.clone()));
         for (i, name) in named.iter().enumerate() {
             let clash = GOLD_RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name))
                 || named[..i].iter().any(|o| o.eq_ignore_ascii_case(name));
@@ -712,6 +766,7 @@ impl GoldTable {
             ("group_key".to_owned(), "TEXT NOT NULL"),
         ];
         columns.extend(outputs.iter().map(|(n, t)| (n.clone(), t.sql())));
+        columns.extend(hidden.iter().map(|(n, t, _)| (n.clone(), *t)));
         columns.push(("updated_at".to_owned(), "TIMESTAMP"));
         let quoted = ident(&table);
         let create = create_sql(&quoted, &columns, r#""_partition", "window_start", "group_key""#);
@@ -719,11 +774,13 @@ impl GoldTable {
             .into_iter()
             .map(str::to_owned)
             .collect::<Vec<_>>();
+        let typed: Vec<&str> =
+            outputs.iter().map(|(_, t)| t.sql()).chain(hidden.iter().map(|(_, t, _)| *t)).collect();
         arrays.extend(
-            outputs
+            typed
                 .iter()
                 .enumerate()
-                .map(|(i, (_, t))| format!("${}::{}[]", i + 5, t.sql().to_ascii_lowercase())),
+                .map(|(i, t)| format!("${}::{}[]", i + 5, t.to_ascii_lowercase())),
         );
         let names = columns[..columns.len() - 1]
             .iter()
@@ -750,19 +807,37 @@ impl GoldTable {
         let clear = format!("DELETE FROM {quoted}");
         let clear_partitions =
             format!("DELETE FROM {quoted} WHERE \"_partition\" = ANY($1::text[])");
-        // The view: partitions' shares added up per window and group. Counts and
-        // sums add; min and max take the extreme (of the text form); avg is exact
-        // only with one partition (the partition rows do not keep sum and count).
+        // The view: partitions' shares merged per window and group. Counts and
+        // sums add; an average is the sum of the partitions' input sums over the
+        // sum of their input counts; min and max take the extreme, numbers ordered
+        // as numbers and anything else by its text (fixed-width timestamps and
+        // dates, strings by bytes as processing orders them).
         let group_cols: Vec<String> = g.group_by.iter().map(|(n, _)| ident(n)).collect();
         let mut agg_cols: Vec<String> = Vec::new();
+        let mut avg_cols: Vec<String> = Vec::new();
         for m in &g.measures {
             let c = ident(&m.name);
+            let extreme = |order: &str| {
+                let number = ident(&format!("_{}_number", m.name));
+                format!(
+                    "(array_agg({c} ORDER BY {number} {order} NULLS LAST, {c} COLLATE \"C\" {order}) \
+                     FILTER (WHERE {c} IS NOT NULL))[1] AS {c}"
+                )
+            };
             agg_cols.push(match m.agg {
                 Agg::Count => format!("sum({c})::bigint AS {c}"),
                 Agg::Sum => format!("sum({c}) AS {c}"),
-                Agg::Avg => format!("avg({c}) AS {c}"),
-                Agg::Min => format!("min({c} COLLATE \"C\") AS {c}"),
-                Agg::Max => format!("max({c} COLLATE \"C\") AS {c}"),
+                Agg::Avg => {
+                    let sum = ident(&format!("_{}_sum", m.name));
+                    let count = ident(&format!("_{}_count", m.name));
+                    avg_cols.push(format!("a.{sum}, a.{count}"));
+                    format!(
+                        "sum({sum}) / NULLIF(sum({count}), 0) AS {c}, sum({sum}) AS {sum}, \
+                         sum({count})::bigint AS {count}"
+                    )
+                }
+                Agg::Min => extreme("ASC"),
+                Agg::Max => extreme("DESC"),
             });
         }
         let mut grouped = vec![r#""window_start""#.to_owned(), r#""group_key""#.to_owned()];
@@ -793,19 +868,38 @@ impl GoldTable {
             None => "\"a\"".to_owned(),
         };
         outer.push(r#"a."updated_at""#.to_owned());
+        outer.extend(avg_cols);
         let quoted_view = ident(&view);
         let create_view = format!(
             "DROP VIEW IF EXISTS {quoted_view}; CREATE VIEW {quoted_view} AS \
              WITH \"a\" AS ({inner}) SELECT {} FROM {from}",
             outer.join(", ")
         );
-        let select = super::gold_select(&quoted_view, g);
+        // Exports read the view's avg sums and counts after the reported columns.
+        let mut select = super::gold_select(&quoted_view, g);
+        let avg_select: String = g
+            .measures
+            .iter()
+            .filter(|m| matches!(m.agg, Agg::Avg))
+            .map(|m| {
+                format!(
+                    ", {}, {}",
+                    ident(&format!("_{}_sum", m.name)),
+                    ident(&format!("_{}_count", m.name))
+                )
+            })
+            .collect();
+        if let Some(at) = select.find(" FROM ") {
+            select.insert_str(at, &avg_select);
+        }
         Ok(Self {
             table,
             view,
             groups: g.group_by.len(),
-            measures: named.len() - g.group_by.len(),
+            measures: named.len() - g.group_by.len() - hidden.len(),
             reported: g.measures.len(),
+            hidden: hidden.into_iter().map(|(_, _, h)| h).collect(),
+            avg_index,
             window_micros: g.window_micros,
             columns,
             create,
@@ -927,6 +1021,7 @@ pub(crate) fn pg_error(err: tokio_postgres::Error, context: String) -> StoreErro
 enum Param<'a> {
     Value(&'a Value),
     Int(i64),
+    Decimal(Option<Decimal>),
     Text(Option<&'a str>),
     /// Epoch microseconds.
     Timestamp(i64),
@@ -939,6 +1034,8 @@ impl ToSql for Param<'_> {
         match *self {
             Param::Value(v) => encode(v, ty, out),
             Param::Int(i) => encode(&Value::Int(i), ty, out),
+            Param::Decimal(None) => Ok(IsNull::Yes),
+            Param::Decimal(Some(d)) => encode(&Value::Decimal(d), ty, out),
             Param::Text(None) => Ok(IsNull::Yes),
             Param::Text(Some(s)) => {
                 out.put_slice(s.as_bytes());
@@ -1901,15 +1998,29 @@ fn gold_jobs<'a>(
             let mut ends = Vec::with_capacity(n);
             let mut group_keys = Vec::with_capacity(n);
             // The trend is not stored per partition: the view computes it.
-            let mut outputs: Vec<Vec<Param<'a>>> =
-                (0..g.groups + g.reported).map(|_| Vec::with_capacity(n)).collect();
+            let mut outputs: Vec<Vec<Param<'a>>> = (0..g.groups + g.reported + g.hidden.len())
+                .map(|_| Vec::with_capacity(n))
+                .collect();
             for (part, start, key, change, measures) in upserts {
                 parts.push(Param::Text(Some(part)));
                 starts.push(Param::Timestamp(start));
                 ends.push(Param::Timestamp(start.saturating_add(g.window_micros)));
                 group_keys.push(Param::Text(Some(key)));
-                for (o, v) in outputs.iter_mut().zip(change.group.iter().chain(measures.iter())) {
+                let (shown, hidden) = outputs.split_at_mut(g.groups + g.reported);
+                for (o, v) in shown.iter_mut().zip(change.group.iter().chain(measures.iter())) {
                     o.push(Param::Value(v));
+                }
+                for (o, h) in hidden.iter_mut().zip(&g.hidden) {
+                    o.push(match *h {
+                        Hidden::AvgSum(k) => {
+                            Param::Decimal(change.avg_parts.get(k).map(|(sum, _)| *sum))
+                        }
+                        Hidden::AvgCount(k) => change
+                            .avg_parts
+                            .get(k)
+                            .map_or(Param::Decimal(None), |(_, n)| Param::Int(*n)),
+                        Hidden::Number(i) => Param::Decimal(measures.get(i).and_then(number)),
+                    });
                 }
             }
             let mut params: Vec<Box<dyn ToSql + Sync + Send + 'a>> =
@@ -1919,6 +2030,16 @@ fn gold_jobs<'a>(
         }
     }
     Ok(())
+}
+
+/// A min or max value as a number, to order it among the partitions' values; `None`
+/// for what is not a number (ordered by its text instead).
+fn number(v: &Value) -> Option<Decimal> {
+    match v {
+        Value::Float(f) => Decimal::try_from(*f).ok(),
+        Value::Bool(_) => None,
+        v => v.to_decimal(),
+    }
 }
 
 fn quarantine_job(op: &QuarantineOp) -> Job<'_> {

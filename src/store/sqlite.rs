@@ -1512,6 +1512,7 @@ columns = { k = "string", n = "decimal", v = "string" }
             group: group.into(),
             measures: measures.map(|m| m.into()),
             partition: None,
+            avg_parts: [].into(),
         }
     }
 
@@ -1607,6 +1608,7 @@ columns = { k = "string", n = "decimal", v = "string" }
             group: [].into(),
             measures: None,
             partition: None,
+            avg_parts: [].into(),
         });
         assert!(matches!(s.write(Arc::new(c)).await, Err(StoreError::Definite { .. })));
         assert_eq!(read_gold(&path, &spec, 0).unwrap().len(), 1);

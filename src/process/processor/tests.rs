@@ -397,3 +397,41 @@ fn group_mode_keeps_gold_per_partition_and_splits_dimension_roles() {
         .collect();
     assert!(deleted.contains(&"erp_db.order_items/1") && deleted.contains(&"erp_db.order_items/2"));
 }
+
+/// A gold row carries, per `avg` measure, the exact sum and count behind the
+/// average, so that stores keeping shares per partition can merge averages.
+#[test]
+fn gold_rows_carry_the_sum_and_count_of_each_average() {
+    let spec = inline_spec(
+        r#"
+[source]
+type = "file"
+path = "x"
+[tables.items]
+key = ["id"]
+columns = { id = "int", price = "decimal", t = "timestamp" }
+[[gold]]
+name = "g"
+table = "items"
+time = "t"
+measures = ["count() as n", "avg(price) as mean", "max(price) as high", "avg(id) as mean_id"]
+"#,
+    );
+    let mut p = Processor::new(spec.clone(), true);
+    feed(
+        &mut p,
+        &spec,
+        &[
+            line("items", "c", r#"{"id":1,"price":"9.50","t":0}"#, 1),
+            line("items", "c", r#"{"id":2,"price":"10.00","t":0}"#, 2),
+            line("items", "c", r#"{"id":3,"price":null,"t":0}"#, 3),
+        ],
+    );
+    let commit = p.flush();
+    assert_eq!(commit.gold.len(), 1);
+    let d = |s: &str| rust_decimal::Decimal::from_str_exact(s).expect("decimal");
+    assert_eq!(&*commit.gold[0].avg_parts, &[(d("19.50"), 2), (d("6"), 3)]);
+    feed(&mut p, &spec, &[line("items", "d", r#"{"id":1,"price":"9.50","t":0}"#, 4)]);
+    let commit = p.flush();
+    assert_eq!(&*commit.gold[0].avg_parts, &[(d("10.00"), 1), (d("5"), 2)]);
+}
