@@ -1086,11 +1086,13 @@ fn silver_params<'p>(
                 Key::Values(vals) if vals.len() == t.key.len() => {
                     vals.iter().map(param).collect::<Result<_, _>>().map_err(bad)?
                 }
-                _ => return Err(definite(format!(
+                _ => {
+                    return Err(definite(format!(
                     "a delete from `{}` has a key that does not match the table's {} key columns",
                     t.table,
                     t.key.len()
-                ))),
+                )))
+                }
             };
             delete_params.push(values);
         }
