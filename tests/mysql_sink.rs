@@ -404,6 +404,22 @@ async fn sink_round_trips_every_type_and_applies_a_commit_twice_as_once() {
         .expect("read checkpoints");
     assert_eq!(check, vec![("a".to_owned(), 3), ("b".to_owned(), 7)]);
 
+    // A killed connection is transient, and the next write reconnects.
+    let ids: Vec<u64> = conn
+        .query(
+            "SELECT ID FROM information_schema.PROCESSLIST \
+             WHERE DB = 'caudal' AND ID <> CONNECTION_ID()",
+        )
+        .await
+        .expect("list connections");
+    assert!(!ids.is_empty(), "the sinks hold connections");
+    for id in ids {
+        conn.query_drop(format!("KILL CONNECTION {id}")).await.expect("kill");
+    }
+    let err = a.write(Arc::new(commit(2))).await.expect_err("the connection was killed");
+    assert!(err.is_transient(), "a killed connection is retried: {err}");
+    a.write(Arc::new(commit(2))).await.expect("the retry reconnects");
+
     // A value MySQL cannot hold fails the whole commit, definitely: nothing of it
     // (nor its checkpoint) is written.
     let mut c = commit(9);

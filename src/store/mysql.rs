@@ -315,7 +315,7 @@ pub async fn read_gold(
         conn.exec(&table.select, ()).await.map_err(|e| my_error(e, context()))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let mut cells = row.unwrap().into_iter();
+        let mut cells = cells(row).into_iter();
         let start = match cells.next().map(|c| stored(ColumnType::TimestampMicros, c)) {
             Some(Ok(Value::Timestamp(t))) => t,
             _ => {
@@ -705,9 +705,10 @@ fn definite(message: String) -> StoreError {
 /// Server errors a retry on a new connection can get past: deadlock, lock wait
 /// timeout, too many connections, server shutdown, connection killed or aborted,
 /// network read/write errors, query interrupted (a killed connection), MySQL 8's
-/// idle disconnect.
-const TRANSIENT_CODES: [u16; 13] =
-    [1213, 1205, 1040, 1053, 1927, 1152, 1153, 1158, 1159, 1160, 1161, 1317, 4031];
+/// idle disconnect. Not 1153 (a packet over `max_allowed_packet`): the same commit
+/// would be too large again.
+const TRANSIENT_CODES: [u16; 12] =
+    [1213, 1205, 1040, 1053, 1927, 1152, 1158, 1159, 1160, 1161, 1317, 4031];
 
 /// Whether retrying on a new connection can succeed.
 fn is_transient(err: &mysql_async::Error) -> bool {
@@ -851,6 +852,12 @@ fn stored(ty: ColumnType, cell: My) -> Result<Value, String> {
         }
         (ty, other) => return Err(format!("cannot read {other:?} as {}", ty.name())),
     })
+}
+
+/// A row's cells. `Row::unwrap` panics only when a cell was moved out with
+/// `Row::take` first, which this module never does.
+fn cells(row: mysql_async::Row) -> Vec<My> {
+    row.unwrap()
 }
 
 /// Bytes a parameter adds to a statement, roughly (for the packet budget).
@@ -1278,8 +1285,7 @@ async fn recover(
             tx.exec(&t.select, ()).await.map_err(|e| my_error(e, context()))?;
         rows.reserve(got.len());
         for r in got {
-            let values = r
-                .unwrap()
+            let values = cells(r)
                 .into_iter()
                 .zip(&t.types)
                 .map(|(cell, ty)| stored(*ty, cell))
@@ -1382,6 +1388,7 @@ mod tests {
         assert!(my_error(server(1213), "w".into()).is_transient());
         assert!(my_error(server(1205), "w".into()).is_transient());
         assert!(!my_error(server(1406), "w".into()).is_transient());
+        assert!(!my_error(server(1153), "w".into()).is_transient());
         let io = mysql_async::Error::Io(mysql_async::IoError::Io(std::io::Error::from(
             std::io::ErrorKind::ConnectionReset,
         )));
