@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use caudal::capture::{simulator, CaptureError};
 use caudal::config::{self, spec::SourceSpec, spec::StoreSpec, ConfigError, PipelineSpec};
-use caudal::store::{export, postgres, sqlite};
+use caudal::store::{export, mysql, postgres, sqlite};
 use caudal::topology::{self, Progress, RunOptions};
 
 // mimalloc: the processor allocates many small rows and strings; the system
@@ -66,7 +66,7 @@ enum Command {
         /// Pipeline file (default: the shipped ERP pipeline); its gold tables, alert
         /// rules and notifiers are used.
         pipeline: Option<PathBuf>,
-        /// A SQLite path or a postgres:// URL (default: the pipeline file's store).
+        /// A SQLite path, a postgres:// or a mysql:// URL (default: the pipeline file's store).
         #[arg(long)]
         store: Option<PathBuf>,
         /// HOST:PORT or PORT.
@@ -82,7 +82,7 @@ enum Command {
         /// Overrides a file source's path.
         #[arg(long)]
         input: Option<PathBuf>,
-        /// Overrides the store: a SQLite path, or a postgres:// URL.
+        /// Overrides the store: a SQLite path, or a postgres:// or mysql:// URL.
         #[arg(long)]
         store: Option<PathBuf>,
         /// Decoding threads (default: one per core).
@@ -103,7 +103,7 @@ enum Command {
         /// Overrides `kafka.brokers`, e.g. 127.0.0.1:9092.
         #[arg(long)]
         brokers: Option<String>,
-        /// Overrides the store: a SQLite path, or a postgres:// URL.
+        /// Overrides the store: a SQLite path, or a postgres:// or mysql:// URL.
         #[arg(long)]
         store: Option<PathBuf>,
         /// Stop once every partition reached the end it had at start (replays, tests).
@@ -141,7 +141,7 @@ enum Command {
         /// Decoding threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
-        /// Also write everything to this store, a SQLite path or a postgres:// URL
+        /// Also write everything to this store, a SQLite path, a postgres:// or a mysql:// URL
         /// (default: compute only).
         #[arg(long)]
         store: Option<PathBuf>,
@@ -154,7 +154,7 @@ enum Command {
     },
     /// Writes the stored gold and quarantine tables in the reference CSV format.
     Export {
-        /// A SQLite path or a postgres:// URL.
+        /// A SQLite path, a postgres:// or a mysql:// URL.
         #[arg(long)]
         store: PathBuf,
         #[arg(long)]
@@ -427,6 +427,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     let summary = rt.block_on(postgres::read_quarantine_summary(&url))?;
                     export::write_quarantine_summary(&out, summary)?;
                 }
+                StoreSpec::Mysql { url, .. } => {
+                    let rt = runtime()?;
+                    for (i, g) in spec.gold.iter().enumerate() {
+                        let rows = rt.block_on(mysql::read_gold(&url, &spec, i))?;
+                        export::write_gold(&out, g, rows)?;
+                    }
+                    let summary = rt.block_on(mysql::read_quarantine_summary(&url))?;
+                    export::write_quarantine_summary(&out, summary)?;
+                }
             }
             println!(
                 "exported {} gold table(s) and the quarantine summary to {}",
@@ -666,6 +675,13 @@ fn store_arg(store: PathBuf, configured: Option<&StoreSpec>) -> StoreSpec {
             };
             StoreSpec::Postgres { url: url.to_owned(), stream }
         }
+        Some(url) if url.starts_with("mysql://") => {
+            let stream = match configured {
+                Some(StoreSpec::Mysql { stream, .. }) => stream.clone(),
+                _ => mysql::DEFAULT_STREAM.to_owned(),
+            };
+            StoreSpec::Mysql { url: url.to_owned(), stream }
+        }
         _ => StoreSpec::Sqlite { path: store },
     }
 }
@@ -685,6 +701,7 @@ fn bench(
     let store = store.map(|path| store_arg(path, spec.store.as_ref()));
     let store_name = match &store {
         Some(StoreSpec::Postgres { .. }) => ", with PostgreSQL store",
+        Some(StoreSpec::Mysql { .. }) => ", with MySQL store",
         Some(StoreSpec::Sqlite { .. }) => ", with SQLite store",
         None => ", compute only (no store)",
     };

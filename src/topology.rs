@@ -156,6 +156,9 @@ pub fn build_sink(spec: &Arc<PipelineSpec>) -> Result<Option<Box<dyn Sink>>, Sto
         Some(StoreSpec::Postgres { url, stream }) => {
             Ok(Some(Box::new(PostgresSink::new(url, spec.clone(), stream)?)))
         }
+        Some(StoreSpec::Mysql { url, stream }) => {
+            Ok(Some(Box::new(crate::store::mysql::MySqlSink::new(url, spec.clone(), stream)?)))
+        }
         None => Ok(None),
     }
 }

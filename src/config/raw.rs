@@ -203,6 +203,13 @@ pub enum RawStore {
         /// database (default `"main"`).
         stream: Option<String>,
     },
+    /// A MySQL or MariaDB database, `mysql://USER:PASSWORD@HOST:PORT/DATABASE`
+    /// (single worker: consumer groups need PostgreSQL).
+    Mysql {
+        url: String,
+        /// Name the checkpoint is kept under (default `"main"`).
+        stream: Option<String>,
+    },
 }
 
 #[derive(Debug, Deserialize)]

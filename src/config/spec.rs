@@ -229,6 +229,11 @@ pub enum StoreSpec {
         url: String,
         stream: String,
     },
+    /// `url` starts with `mysql://` and names a database; `stream` is not empty.
+    Mysql {
+        url: String,
+        stream: String,
+    },
 }
 
 /// Cleaning and lookups of one table.
@@ -554,6 +559,29 @@ fn store_spec(p: &mut Problems, raw: &RawStore) -> StoreSpec {
                 None => crate::store::postgres::DEFAULT_STREAM.to_owned(),
             };
             StoreSpec::Postgres { url: url.clone(), stream }
+        }
+        RawStore::Mysql { url, stream } => {
+            // The URL is not echoed: it may hold a password. It must name the
+            // database the tables go in.
+            let db = url.strip_prefix("mysql://").and_then(|rest| rest.split_once('/'));
+            let db = db.map(|(_, db)| db.split('?').next().unwrap_or_default());
+            if db.is_none_or(str::is_empty) {
+                p.hint(
+                    "store.url",
+                    None,
+                    "not a MySQL URL with a database",
+                    "mysql://USER:PASSWORD@HOST:PORT/DATABASE",
+                );
+            }
+            let stream = match stream {
+                Some(s) if s.trim().is_empty() => {
+                    p.add("store.stream", Some(quote(s)), "must not be empty");
+                    crate::store::mysql::DEFAULT_STREAM.to_owned()
+                }
+                Some(s) => s.clone(),
+                None => crate::store::mysql::DEFAULT_STREAM.to_owned(),
+            };
+            StoreSpec::Mysql { url: url.clone(), stream }
         }
     }
 }
@@ -1477,5 +1505,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("store.url") && err.contains("store.stream"), "{err}");
+    }
+
+    #[test]
+    fn mysql_store_urls_and_streams_are_checked() {
+        let parse = |store: &str| {
+            let text = format!(
+                "[source]\ntype = \"file\"\npath = \"x.jsonl\"\n[store]\n{store}\n\
+                 [tables.t]\nkey = [\"id\"]\ncolumns = {{ id = \"int\" }}\n"
+            );
+            crate::config::parse(std::path::Path::new("p.toml"), &text)
+        };
+        let spec = parse("type = \"mysql\"\nurl = \"mysql://u:p@h:3306/db\"").unwrap();
+        assert!(matches!(
+            spec.store,
+            Some(StoreSpec::Mysql { ref stream, .. }) if stream == "main"
+        ));
+        for url in ["postgres://u@h/db", "mysql://u@h:3306/", "mysql://u@h:3306"] {
+            let err = parse(&format!("type = \"mysql\"\nurl = \"{url}\"\nstream = \" \""))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("store.url") && err.contains("store.stream"), "{url}: {err}");
+            assert!(!err.contains(url), "the url is not echoed: {err}");
+        }
     }
 }

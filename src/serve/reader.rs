@@ -31,6 +31,9 @@ pub struct StoreReader {
 enum Target {
     Sqlite(PathBuf),
     Postgres(Box<PgTarget>),
+    /// A MySQL store: the dashboard's queries are written for SQLite and
+    /// PostgreSQL, so every read reports that it cannot read this store.
+    Mysql,
 }
 
 struct PgTarget {
@@ -101,6 +104,7 @@ impl StoreReader {
                 stream: stream.clone(),
                 client: Mutex::new(None),
             })),
+            StoreSpec::Mysql { .. } => Target::Mysql,
         };
         Self { target }
     }
@@ -114,6 +118,7 @@ impl StoreReader {
                 let host = url.rsplit('@').next().unwrap_or(url);
                 format!("postgres {}", host.trim_start_matches("postgres://"))
             }
+            Target::Mysql => "mysql (not readable by the dashboard)".to_owned(),
         }
     }
 
@@ -144,6 +149,10 @@ impl StoreReader {
                 }
                 result
             }
+            Target::Mysql => Err(StoreError::Definite {
+                message: "the dashboard reads SQLite and PostgreSQL stores, not MySQL".to_owned(),
+                source: None,
+            }),
         }
     }
 
@@ -168,6 +177,7 @@ impl StoreReader {
             Target::Sqlite(_) => r#"SELECT "pipeline", "event_count", CAST("updated_at" AS TEXT)
                 FROM "caudal_checkpoint" ORDER BY "updated_at" DESC LIMIT 1"#
                 .to_owned(),
+            Target::Mysql => String::new(),
             Target::Postgres(pg) => format!(
                 r#"SELECT "stream", "event_count", CAST("updated_at" AS TEXT)
                 FROM "caudal_checkpoint" WHERE "stream" = '{}'"#,

@@ -8,6 +8,7 @@
 
 pub mod export;
 pub(crate) mod extra;
+pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 

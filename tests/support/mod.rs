@@ -110,7 +110,7 @@ pub mod mariadb;
 pub mod postgres;
 pub mod serve;
 
-/// `caudal export` of a store given as a string (a path or a postgres:// URL).
+/// `caudal export` of a store given as a string (a path, a postgres:// or mysql:// URL).
 pub fn export_from(store: &str, out: &Path) {
     ok(caudal().arg("export").arg("--store").arg(store).arg("--out").arg(out));
 }
