@@ -16,7 +16,7 @@
 //!    millisecond).
 //!
 //! `cargo bench --bench workers -- [--events N] [--workers 1,2] [--storage memory|sqlite]
-//! [--probes N] [--load EVENTS_PER_S]`. The pipeline uses `trigger_interval = "10ms"` (the default 1 s
+//! [--probes N] [--load EVENTS_PER_S] [--linger MS]` (the load producer's `linger.ms`, 5 by default). The pipeline uses `trigger_interval = "10ms"` (the default 1 s
 //! trades latency for larger commits). Prints figures; asserts nothing about them.
 
 use std::path::{Path, PathBuf};
@@ -127,19 +127,20 @@ struct Feed {
 static NEXT_POS: AtomicU64 = AtomicU64::new(1_000);
 
 impl Feed {
-    fn start(brokers: &str, rate: u64) -> Self {
+    fn start(brokers: &str, rate: u64, linger_ms: &str) -> Self {
         let (probes, requests) = mpsc::channel::<ProbeRequest>();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let brokers = brokers.to_owned();
+        let linger_ms = linger_ms.to_owned();
         let thread = std::thread::spawn(move || {
             let producer: FutureProducer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
                 .set("partitioner", "murmur2_random")
-                // As `caudal capture` produces (src/bus/kafka.rs): 5,000 requests a
-                // second of one message each would load the broker more than any
-                // real producer does.
-                .set("linger.ms", "5")
+                // 5 ms by default, as `caudal capture` produces (src/bus/kafka.rs):
+                // 5,000 requests a second of one message each (`--linger 0`) load
+                // the broker more than a batching producer does.
+                .set("linger.ms", &linger_ms)
                 .create()
                 .expect("producer");
             let rt =
@@ -206,6 +207,7 @@ fn main() {
     let storage = arg("--storage", "sqlite");
     let probes: usize = arg("--probes", "200").parse().expect("--probes N");
     let load: u64 = arg("--load", "5000").parse().expect("--load EVENTS_PER_S");
+    let linger = arg("--linger", "5");
     let work = tempfile::tempdir().expect("tempdir");
     let input = work.path().join("erp.jsonl");
     let out = Command::new("python3")
@@ -325,7 +327,7 @@ fn main() {
         });
         let mut first_id = 900_000_000;
         for rate in [0, load] {
-            let feed = Feed::start(&broker.address, rate);
+            let feed = Feed::start(&broker.address, rate, &linger);
             let mut latencies = Vec::with_capacity(probes);
             for _ in 0..probes {
                 let id = first_id;
