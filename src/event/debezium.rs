@@ -170,7 +170,7 @@ impl Decoder {
                 "a primary-key column is null",
             )));
         }
-        if !self.meta_matches(&src) {
+        if !self.meta_matches(src) {
             self.meta = Arc::new(SourceMeta {
                 server: src.name.unwrap_or_default().into(),
                 db: src.db.unwrap_or_default().into(),
