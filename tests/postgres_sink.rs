@@ -546,12 +546,24 @@ table = "lines"
 time = "ts"
 window = "10m"
 group_by = ["shop"]
-measures = ["count() as n", "avg(price) as mean", "min(price) as low", "max(price) as high", "max(sku) as last_sku"]
+measures = ["count() as n", "avg(price) as mean", "min(price) as low", "max(price) as high", "max(sku) as last_sku",
+            "min(ts) as first_ts", "max(ts) as last_ts"]
 trend = "mean"
 "#;
 
-/// One worker's share of a window: (partition, lines, avg sum and count, low, high, sku).
-fn share(part: &str, n: i64, sum: &str, low: &str, high: &str, sku: &str) -> GoldChange {
+/// One worker's share of a window: (partition, lines, avg sum and count, low, high, sku,
+/// first and last line times).
+#[allow(clippy::too_many_arguments)]
+fn share(
+    part: &str,
+    n: i64,
+    sum: &str,
+    low: &str,
+    high: &str,
+    sku: &str,
+    first: &str,
+    last: &str,
+) -> GoldChange {
     let d = |s: &str| Decimal::from_str_exact(s).expect("decimal literal");
     GoldChange {
         gold: 0,
@@ -564,6 +576,8 @@ fn share(part: &str, n: i64, sum: &str, low: &str, high: &str, sku: &str) -> Gol
                 dec(low),
                 dec(high),
                 text(sku),
+                Value::Timestamp(micros(first)),
+                Value::Timestamp(micros(last)),
                 Value::Null,
             ]
             .into(),
@@ -584,9 +598,13 @@ async fn gold_shares_of_several_partitions_merge_exactly() {
     s.healthcheck().await.expect("healthcheck");
     let mut c = commit(1);
     // Partition a: 9.50 and 2.00 (avg 5.75); b: 10.00 (avg 10.00). Together:
-    // 21.50 / 3 = 7.1666..., low 2.00, high 10.00.
-    c.gold.push(share("t/0", 2, "11.50", "2.00", "9.50", "sku-9"));
-    c.gold.push(share("t/1", 1, "10.00", "10.00", "10.00", "sku-10"));
+    // 21.50 / 3 = 7.1666..., low 2.00, high 10.00. Times: their texts differ in
+    // width (`09:00:00Z` against `09:00:00.250Z`), so only numbers order them.
+    let (t0, t1) = ("2026-01-05T09:00:00.250Z", "2026-01-05T09:05:00Z");
+    let (t2, t3) = ("2026-01-05T09:00:00Z", "2026-01-05T09:05:00.500Z");
+    c.gold.push(share("t/0", 2, "11.50", "2.00", "9.50", "sku-9", t0, t1));
+    c.gold.push(share("t/1", 1, "10.00", "10.00", "10.00", "sku-10", t2, t3));
+    let ts = |iso: &str| text(&Value::Timestamp(micros(iso)).to_string());
     s.write(Arc::new(c)).await.expect("write");
     let rows = caudal::store::postgres::read_gold(pg.url(), &spec, 0).await.expect("read gold");
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -595,7 +613,15 @@ async fn gold_shares_of_several_partitions_merge_exactly() {
     let want_mean = Decimal::from_str_exact("21.50").expect("sum") / Decimal::from(3);
     assert_eq!(
         measures,
-        &vec![Value::Int(3), Value::Decimal(want_mean), text("2.00"), text("10.00"), text("sku-9")],
+        &vec![
+            Value::Int(3),
+            Value::Decimal(want_mean),
+            text("2.00"),
+            text("10.00"),
+            text("sku-9"),
+            ts(t2),
+            ts(t3)
+        ],
         "exports merge the shares as one worker would have computed them"
     );
     // The view itself, as dashboards read it.
@@ -612,12 +638,20 @@ async fn gold_shares_of_several_partitions_merge_exactly() {
     c.gold.push(GoldChange {
         measures: None,
         avg_parts: [].into(),
-        ..share("t/0", 1, "0", "0", "0", "")
+        ..share("t/0", 1, "0", "0", "0", "", t0, t1)
     });
     s.write(Arc::new(c)).await.expect("write 2");
     let rows = caudal::store::postgres::read_gold(pg.url(), &spec, 0).await.expect("read gold");
     assert_eq!(
         rows[0].2,
-        vec![Value::Int(1), dec("10.00"), text("10.00"), text("10.00"), text("sku-10")]
+        vec![
+            Value::Int(1),
+            dec("10.00"),
+            text("10.00"),
+            text("10.00"),
+            text("sku-10"),
+            ts(t2),
+            ts(t3)
+        ]
     );
 }

@@ -810,8 +810,8 @@ impl GoldTable {
         // The view: partitions' shares merged per window and group. Counts and
         // sums add; an average is the sum of the partitions' input sums over the
         // sum of their input counts; min and max take the extreme, numbers ordered
-        // as numbers and anything else by its text (fixed-width timestamps and
-        // dates, strings by bytes as processing orders them).
+        // as numbers (temporal values as their microseconds or days, see `number`)
+        // and anything else by its text (strings by bytes as processing orders them).
         let group_cols: Vec<String> = g.group_by.iter().map(|(n, _)| ident(n)).collect();
         let mut agg_cols: Vec<String> = Vec::new();
         let mut avg_cols: Vec<String> = Vec::new();
@@ -2033,11 +2033,15 @@ fn gold_jobs<'a>(
 }
 
 /// A min or max value as a number, to order it among the partitions' values; `None`
-/// for what is not a number (ordered by its text instead).
+/// for what is not a number (ordered by its text instead). Temporal values order by
+/// their count of microseconds or days: their text is not fixed-width (a timestamp
+/// prints 0, 3 or 6 fractional digits, a TIME may be negative or exceed 99 hours).
 fn number(v: &Value) -> Option<Decimal> {
     match v {
         Value::Float(f) => Decimal::try_from(*f).ok(),
         Value::Bool(_) => None,
+        Value::Timestamp(us) | Value::Time(us) => Some(Decimal::from(*us)),
+        Value::Date(days) => Some(Decimal::from(*days)),
         v => v.to_decimal(),
     }
 }
