@@ -24,7 +24,7 @@
 //! infinities: such a value is a definite error), `bool` BOOLEAN, `string` LONGTEXT
 //! and `json` LONGTEXT (utf8mb4, binary collation, byte for byte: MySQL's JSON type
 //! would reorder keys and reformat numbers), `bytes` LONGBLOB, timestamps
-//! DATETIME(6) (UTC, years 1000..9999), `date` DATE, `time` TIME(6)
+//! DATETIME(6) (UTC, years 0..9999), `date` DATE, `time` TIME(6)
 //! (±838:59:59.999999, MySQL's own range).
 //!
 //! `decimal` is the exact decimal text in a `VARCHAR(100) CHARACTER SET ascii`
@@ -115,11 +115,14 @@ const SILVER_META: [(&str, ColumnType); 5] = [
 ];
 const GOLD_RESERVED: [&str; 4] = ["window_start", "window_end", "group_key", "updated_at"];
 
+// `table_name` and `row_key` are bytes: a record is found by them, and text
+// collations (even `utf8mb4_bin`) pad trailing spaces, so the key `1` would find the
+// record of the row `1 `; a table name read from an unknown event may be of any length.
 const BASE_SCHEMA: [&str; 3] = [
     r#"CREATE TABLE IF NOT EXISTS "quarantine" (
     "id" BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-    "table_name" VARCHAR(255),
-    "row_key" TEXT,
+    "table_name" LONGBLOB,
+    "row_key" LONGBLOB,
     "stage" VARCHAR(32) NOT NULL,
     "reason" VARCHAR(191) NOT NULL,
     "detail" LONGTEXT,
@@ -128,7 +131,7 @@ const BASE_SCHEMA: [&str; 3] = [
     "payload" LONGTEXT,
     "quarantined_at" DATETIME(6) NOT NULL,
     "resolved_at" DATETIME(6),
-    INDEX "quarantine_row" ("table_name", "row_key"(255)),
+    INDEX "quarantine_row" ("table_name"(64), "row_key"(255)),
     INDEX "quarantine_reason" ("reason"),
     INDEX "quarantine_origin" ("origin")
 ) ENGINE=InnoDB ROW_FORMAT=DYNAMIC DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"#,
@@ -744,6 +747,12 @@ fn my_error(err: mysql_async::Error, context: String) -> StoreError {
 
 // ---- values ----------------------------------------------------------------
 
+/// The last year DATE and DATETIME hold. MySQL documents 1000..9999 as the
+/// "supported" range, but both MySQL and MariaDB store and return years 0..999
+/// (ERP placeholder dates such as 0001-01-01 are common); only 0000-00-00 style
+/// zero dates are refused, and those cannot come from a `Value`.
+const MAX_YEAR: u16 = 9999;
+
 /// The largest TIME MySQL holds: 838:59:59.999999.
 const MAX_TIME_MICROS: i64 = (838 * 3600 + 59 * 60 + 59) * 1_000_000 + 999_999;
 
@@ -763,8 +772,8 @@ fn param(v: &Value) -> Result<My, String> {
         Value::Timestamp(t) => datetime(*t)?,
         Value::Date(d) => {
             let (y, m, day) = civil_from_days(i64::from(*d));
-            let y = u16::try_from(y).ok().filter(|y| (1000..=9999).contains(y));
-            let y = y.ok_or_else(|| format!("the date {v} is outside MySQL's years 1000..9999"))?;
+            let y = u16::try_from(y).ok().filter(|y| *y <= MAX_YEAR);
+            let y = y.ok_or_else(|| format!("the date {v} is outside MySQL's years 0..9999"))?;
             My::Date(y, m as u8, day as u8, 0, 0, 0, 0)
         }
         Value::Time(t) => {
@@ -791,8 +800,8 @@ fn datetime(t: i64) -> Result<My, String> {
     let days = t.div_euclid(MICROS_PER_DAY);
     let rem = t.rem_euclid(MICROS_PER_DAY);
     let (y, m, d) = civil_from_days(days);
-    let y = u16::try_from(y).ok().filter(|y| (1000..=9999).contains(y)).ok_or_else(|| {
-        format!("the timestamp {} is outside MySQL's years 1000..9999", Value::Timestamp(t))
+    let y = u16::try_from(y).ok().filter(|y| *y <= MAX_YEAR).ok_or_else(|| {
+        format!("the timestamp {} is outside MySQL's years 0..9999", Value::Timestamp(t))
     })?;
     let secs = rem / 1_000_000;
     // rem_euclid keeps every part in its field's range.
