@@ -191,6 +191,12 @@ pub struct MySqlSink {
     stream: String,
     plan: Arc<Plan>,
     conn: Option<Connection>,
+    /// The server thread of the last connection dropped after an error, killed from
+    /// the next one. Why: dropping a connection whose network is gone (a half-open
+    /// TCP session) does not end it on the server, which would keep its
+    /// transaction's row locks until `wait_timeout` (8 h by default), and every
+    /// retry would wait for them and time out.
+    dropped: Option<u32>,
 }
 
 /// One connection and the byte budget of one statement on it.
@@ -211,7 +217,7 @@ impl MySqlSink {
     pub fn new(url: &str, spec: Arc<PipelineSpec>, stream: &str) -> Result<Self, StoreError> {
         options(url)?;
         let plan = Arc::new(Plan::new(&spec)?);
-        Ok(Self { url: url.to_owned(), stream: stream.to_owned(), plan, conn: None })
+        Ok(Self { url: url.to_owned(), stream: stream.to_owned(), plan, conn: None, dropped: None })
     }
 
     /// The open connection, opening one when there is none (the first call, or
@@ -219,9 +225,22 @@ impl MySqlSink {
     /// done and the server may be gone).
     async fn conn(&mut self) -> Result<&mut Connection, StoreError> {
         if self.conn.is_none() {
-            self.conn = Some(connect(&self.url).await?);
+            let mut conn = connect(&self.url).await?;
+            if let Some(id) = self.dropped.take() {
+                // Best effort: usually that thread is long gone (error 1094).
+                let _ = conn.conn.query_drop(format!("KILL CONNECTION {id}")).await;
+            }
+            self.conn = Some(conn);
         }
         self.conn.as_mut().ok_or_else(|| definite("no mysql connection".to_owned()))
+    }
+
+    /// Drops the connection after an error (which rolls back whatever its open
+    /// transaction wrote, when the server still hears it).
+    fn drop_conn(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.dropped = Some(c.conn.id());
+        }
     }
 }
 
@@ -236,7 +255,7 @@ impl Sink for MySqlSink {
         let conn = self.conn().await?;
         let result = create_schema(&mut conn.conn, &plan).await;
         if result.is_err() {
-            self.conn = None;
+            self.drop_conn();
         }
         result
     }
@@ -247,7 +266,7 @@ impl Sink for MySqlSink {
         let conn = self.conn().await?;
         let result = recover(&mut conn.conn, &plan, &stream, tables).await;
         if result.is_err() {
-            self.conn = None;
+            self.drop_conn();
         }
         result
     }
@@ -258,8 +277,7 @@ impl Sink for MySqlSink {
         let conn = self.conn().await?;
         let result = write(conn, &plan, &stream, &commit).await;
         if result.is_err() {
-            // Dropping the connection rolls back whatever the commit wrote.
-            self.conn = None;
+            self.drop_conn();
         }
         result
     }
