@@ -138,12 +138,18 @@ pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The export query of a gold table: window, group columns and measures, in the
-/// reference files' row order. Both stores lay gold tables out the same way.
-pub(crate) fn gold_select(quoted: &str, g: &crate::config::spec::GoldSpec) -> String {
+/// The export query of a gold table: window, group columns, measures and then
+/// `extra` columns, in the reference files' row order. The stores lay gold tables
+/// out the same way.
+pub(crate) fn gold_select(
+    quoted: &str,
+    g: &crate::config::spec::GoldSpec,
+    extra: &[String],
+) -> String {
     let mut order = vec![r#""window_start""#.to_owned()];
     order.extend(g.group_by.iter().map(|(n, _)| ident(n)));
     let mut selected = order.clone();
     selected.extend(g.measures.iter().map(|m| ident(&m.name)));
+    selected.extend(extra.iter().cloned());
     format!("SELECT {} FROM {quoted} ORDER BY {}", selected.join(", "), order.join(", "))
 }

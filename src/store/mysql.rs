@@ -683,7 +683,7 @@ impl GoldTable {
         };
         // Not TRUNCATE: it commits the open transaction.
         let clear = format!("DELETE FROM {quoted}");
-        let select = super::gold_select(&quoted, g);
+        let select = super::gold_select(&quoted, g, &[]);
         Ok(Self {
             table,
             groups: g.group_by.len(),

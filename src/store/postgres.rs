@@ -876,22 +876,15 @@ impl GoldTable {
             outer.join(", ")
         );
         // Exports read the view's avg sums and counts after the reported columns.
-        let mut select = super::gold_select(&quoted_view, g);
-        let avg_select: String = g
+        let avg_select: Vec<String> = g
             .measures
             .iter()
             .filter(|m| matches!(m.agg, Agg::Avg))
-            .map(|m| {
-                format!(
-                    ", {}, {}",
-                    ident(&format!("_{}_sum", m.name)),
-                    ident(&format!("_{}_count", m.name))
-                )
+            .flat_map(|m| {
+                [ident(&format!("_{}_sum", m.name)), ident(&format!("_{}_count", m.name))]
             })
             .collect();
-        if let Some(at) = select.find(" FROM ") {
-            select.insert_str(at, &avg_select);
-        }
+        let select = super::gold_select(&quoted_view, g, &avg_select);
         Ok(Self {
             table,
             view,

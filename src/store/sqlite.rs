@@ -461,7 +461,7 @@ impl GoldTable {
         let delete =
             format!("DELETE FROM {quoted} WHERE \"window_start\" = ?1 AND \"group_key\" = ?2");
         let clear = format!("DELETE FROM {quoted}");
-        let select = super::gold_select(&quoted, g);
+        let select = super::gold_select(&quoted, g, &[]);
         Ok(Self {
             table,
             groups: g.group_by.len(),
