@@ -11,6 +11,7 @@ mod crash;
 mod end_to_end_mysql;
 mod gold;
 mod kafka;
+mod keys;
 mod mysql_sink;
 mod postgres_sink;
 mod serve;

@@ -145,6 +145,10 @@ pub struct Stats {
 #[derive(Debug, Default)]
 struct Pending {
     silver: HashMap<(TableId, Key), Option<SilverRow>>,
+    /// The stored form of a removed row's key where it differs from the matching
+    /// key: a whole decimal key (`5.00`) matches as `Key::Int(5)`, but a store that
+    /// keeps decimals as text (SQLite, MySQL) must delete the row `5.00`.
+    removed_keys: HashMap<(TableId, Key), Key>,
     quarantine: Vec<QuarantineOp>,
     checkpoint: Checkpoint,
     events: u64,
@@ -624,6 +628,18 @@ impl Processor {
                 }),
                 _ => None,
             };
+            if silver.is_none() {
+                // The image that carries the key: the delete's before, or the
+                // version that failed its checks.
+                let image = match (&new, &c.before) {
+                    (Some((stored, _)), _) => Some(&stored.row[..]),
+                    (None, Some(before)) => Some(&before[..]),
+                    (None, None) => None,
+                };
+                if let Some(stored_key) = image.and_then(|r| stored_key(&key, r, &schema.key)) {
+                    self.pending.removed_keys.insert((t, key.clone()), stored_key);
+                }
+            }
             self.pending.silver.insert((t, key.clone()), silver);
         }
         let payload_row = if self.emit && c.raw.is_none() {
@@ -986,7 +1002,7 @@ impl Processor {
                 });
             }
         }
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         // The position stays until a batch moves it: a commit with nothing new (the
         // last one, at shutdown) must store the same checkpoint, not an empty one,
         // or the restart would start over from a snapshot.
@@ -1003,7 +1019,13 @@ impl Processor {
             silver: pending
                 .silver
                 .into_iter()
-                .map(|((table, key), row)| SilverChange { table, key, row })
+                .map(|((table, key), row)| {
+                    let key = match row {
+                        Some(_) => key,
+                        None => pending.removed_keys.remove(&(table, key.clone())).unwrap_or(key),
+                    };
+                    SilverChange { table, key, row }
+                })
                 .collect(),
             gold_reset: pending.gold_reset,
             gold,
@@ -1134,6 +1156,18 @@ fn mark_needed(table: &mut TableState, width: usize, columns: impl Iterator<Item
 }
 
 /// The key a fact row references through a lookup; no allocation for integer keys.
+/// The key of `row` as stores keep it, when that differs from `key` (the matching
+/// form): a single whole decimal key column, which matches as an integer.
+fn stored_key(key: &Key, row: &[Value], key_columns: &[usize]) -> Option<Key> {
+    match (key, key_columns) {
+        (Key::Int(_), [only]) => match row.get(*only)? {
+            v @ Value::Decimal(_) => Some(Key::Values(Box::new([v.clone()]))),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn foreign_key(row: &[Value], on: &[(usize, usize)]) -> Option<Key> {
     if let [(c, _)] = on {
         if let Some(Value::Int(i)) = row.get(*c) {
