@@ -12,6 +12,10 @@ use super::{Checkpoint, Key, Row, TableId, Value};
 #[derive(Debug, Clone)]
 pub struct SilverChange {
     pub table: TableId,
+    /// The row's key. For a delete it is the key as the row was stored: a whole
+    /// decimal key comes as `Key::Values([Decimal(5.00)])`, not as the `Key::Int(5)`
+    /// that processing matches it by, so that stores keeping decimals as text find
+    /// the row. An upsert's stores take the key from `row`.
     pub key: Key,
     pub row: Option<SilverRow>,
 }
