@@ -1022,6 +1022,8 @@ impl Processor {
                 .map(|((table, key), row)| {
                     let key = match row {
                         Some(_) => key,
+                        // Almost always empty: no key is cloned for the lookup then.
+                        None if pending.removed_keys.is_empty() => key,
                         None => pending.removed_keys.remove(&(table, key.clone())).unwrap_or(key),
                     };
                     SilverChange { table, key, row }
@@ -1155,7 +1157,6 @@ fn mark_needed(table: &mut TableState, width: usize, columns: impl Iterator<Item
     }
 }
 
-/// The key a fact row references through a lookup; no allocation for integer keys.
 /// The key of `row` as stores keep it, when that differs from `key` (the matching
 /// form): a single whole decimal key column, which matches as an integer.
 fn stored_key(key: &Key, row: &[Value], key_columns: &[usize]) -> Option<Key> {
@@ -1168,6 +1169,7 @@ fn stored_key(key: &Key, row: &[Value], key_columns: &[usize]) -> Option<Key> {
     }
 }
 
+/// The key a fact row references through a lookup; no allocation for integer keys.
 fn foreign_key(row: &[Value], on: &[(usize, usize)]) -> Option<Key> {
     if let [(c, _)] = on {
         if let Some(Value::Int(i)) = row.get(*c) {

@@ -766,9 +766,10 @@ fn my_error(err: mysql_async::Error, context: String) -> StoreError {
 // ---- values ----------------------------------------------------------------
 
 /// The last year DATE and DATETIME hold. MySQL documents 1000..9999 as the
-/// "supported" range, but both MySQL and MariaDB store and return years 0..999
-/// (ERP placeholder dates such as 0001-01-01 are common); only 0000-00-00 style
-/// zero dates are refused, and those cannot come from a `Value`.
+/// "supported" range and says earlier values may work; MariaDB 10.11 stores and
+/// returns years 0..999 in strict mode (tested; MySQL 8 is not tested here), and
+/// ERP placeholder dates such as 0001-01-01 are common. Only 0000-00-00 style zero
+/// dates are refused, and those cannot come from a `Value`.
 const MAX_YEAR: u16 = 9999;
 
 /// The largest TIME MySQL holds: 838:59:59.999999.
