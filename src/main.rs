@@ -23,6 +23,21 @@ use caudal::topology::{self, Progress, RunOptions};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process. Why: mimalloc asks the kernel
+/// for huge pages on its arenas, and the state this pipeline keeps is many small rows
+/// spread over them, so half-filled 2 MiB pages were counted whole: peak memory for
+/// 1M workload events was 249-271 MB with them and 212-222 MB without, at the same
+/// speed. The setting belongs to this process (and any child it starts), not to the
+/// system.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and touches no memory
+    // of ours; on failure (an old kernel) it returns -1 and nothing changes.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 /// The ERP pipeline shipped with caudal: the gold rules of the shared workload.
 const ERP_PIPELINE: &str = include_str!("../config/examples/erp.toml");
 
@@ -186,6 +201,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     init_tracing();
     match dispatch(cli) {
