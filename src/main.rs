@@ -26,8 +26,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Turns transparent huge pages off for this process. Why: mimalloc asks the kernel
 /// for huge pages on its arenas, and the state this pipeline keeps is many small rows
 /// spread over them, so half-filled 2 MiB pages were counted whole: peak memory for
-/// 1M workload events was 249-271 MB with them and 212-222 MB without, at the same
-/// speed. The setting belongs to this process (and any child it starts), not to the
+/// 1M workload events was 249-271 MB with them and 206-227 MB without, at the same
+/// speed (within the run-to-run noise). The setting belongs to this process (and any child it starts), not to the
 /// system.
 fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
