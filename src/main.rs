@@ -27,8 +27,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// for huge pages on its arenas, and the state this pipeline keeps is many small rows
 /// spread over them, so half-filled 2 MiB pages were counted whole: peak memory for
 /// 1M workload events was 249-271 MB with them and 206-227 MB without, at the same
-/// speed (within the run-to-run noise). The setting belongs to this process (and any child it starts), not to the
-/// system.
+/// speed (within the run-to-run noise). The setting belongs to this process (and any
+/// child it starts), not to the system. mimalloc makes the same call for
+/// `MIMALLOC_ALLOW_THP=0`, but only at its own start, before `main` could set the
+/// option, so it is made here.
 fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and touches no memory
